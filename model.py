@@ -1,0 +1,299 @@
+"""
+A minimal GPT whose projections are BitLinear layers, in the layout of BitNet b1.58 2B4T
+(arXiv 2504.12285), which is also Hugging Face's BitNetForCausalLM. Every choice, in one place:
+
+- token embedding, no learned positions: rotary embeddings (rotate-half pairs (i, i + d/2),
+  theta = rope_theta) on queries and keys
+- pre-norm residual blocks, RMSNorm with a learned weight everywhere (eps = norm_eps)
+- grouped-query attention (n_kv_head divides n_head), then attn_sub_norm, then o_proj
+- gated squared-ReLU MLP: down_proj(ffn_sub_norm(relu(gate_proj(x))^2 * up_proj(x)))
+- SubLN: the sub-norms sit in front of o_proj and down_proj, the block's own pre-norms in
+  front of the other projections, so every BitLinear sees normalized input
+- no biases; a final RMSNorm; lm_head and the embedding stay full precision, optionally tied
+- quant selects the 7 projections of every block: 'b1.58' BitLinear (ternary),
+  'b1' BitLinear1b (binary), 'none' nn.Linear (the float baseline, identical otherwise)
+
+Module names are the Hugging Face state-dict names (model.embed_tokens, model.layers.N.
+self_attn.q_proj, ..., model.norm, lm_head), so export is a rename of nothing.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bitlinear import BitLinear, BitLinear1b, RMSNorm
+
+QUANT_MODES = ('b1.58', 'b1', 'none')
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256
+    vocab_size: int = 50257
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int = None           # None: same as n_head (plain multi-head attention)
+    n_embd: int = 384
+    intermediate_size: int = None   # None: 8/3 * n_embd rounded up to 64 (the params of a 4x MLP)
+    dropout: float = 0.0
+    quant: str = 'b1.58'            # 'b1.58' | 'b1' | 'none'
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.intermediate_size is None:
+            self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        if self.quant not in QUANT_MODES:
+            raise ValueError(f"quant must be one of {QUANT_MODES}, got {self.quant!r}")
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) "
+                             f"and n_head by n_kv_head ({self.n_kv_head})")
+
+
+def make_linear(config, in_features, out_features):
+    """The projection layer for config.quant (never a bias: the b1.58 architecture has none)."""
+    if config.quant == 'b1.58':
+        return BitLinear(in_features, out_features, bias=False)
+    if config.quant == 'b1':
+        return BitLinear1b(in_features, out_features, bias=False)
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+def rotary_tables(head_dim, max_positions, theta):
+    """cos, sin of shape (max_positions, head_dim), each frequency repeated for both halves."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """x (B, nh, T, hs); cos, sin (T, hs). Rotate-half convention: pairs (i, i + hs/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated: (n_layer, B, n_kv_head, max_len, head_dim).
+    pos counts the positions already written."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+
+class Attention(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        kv_dim = self.n_kv_head * self.head_dim
+        self.q_proj = make_linear(config, config.n_embd, config.n_embd)
+        self.k_proj = make_linear(config, config.n_embd, kv_dim)
+        self.v_proj = make_linear(config, config.n_embd, kv_dim)
+        self.attn_sub_norm = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.o_proj = make_linear(config, config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        B, T, C = x.size()
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        mask, causal = None, True
+        if kv_cache is not None:
+            pos = kv_cache.pos
+            kv_cache.k[self.layer_idx, :, :, pos:pos + T] = k
+            kv_cache.v[self.layer_idx, :, :, pos:pos + T] = v
+            k = kv_cache.k[self.layer_idx, :, :, :pos + T]
+            v = kv_cache.v[self.layer_idx, :, :, :pos + T]
+            if T == 1:
+                causal = False  # one new query sees every cached key
+            elif pos > 0:       # a chunk after a prefix: query i sees keys 0 .. pos + i
+                causal = False
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        y = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.o_proj(self.attn_sub_norm(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = make_linear(config, config.n_embd, config.intermediate_size)
+        self.up_proj = make_linear(config, config.n_embd, config.intermediate_size)
+        self.ffn_sub_norm = RMSNorm(config.intermediate_size, eps=config.norm_eps)
+        self.down_proj = make_linear(config, config.intermediate_size, config.n_embd)
+
+    def forward(self, x):
+        h = F.relu(self.gate_proj(x)).square() * self.up_proj(x)   # squared ReLU, gated
+        return self.down_proj(self.ffn_sub_norm(h))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = MLP(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, kv_cache))
+        x = x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+            layers=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            norm=RMSNorm(config.n_embd, eps=config.norm_eps),
+        ))
+        self.drop = nn.Dropout(config.dropout)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+        self.register_buffer('rope_cos', cos, persistent=False)  # not in the state dict: derived
+        self.register_buffer('rope_sin', sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Every initialization in one place: GPT-2's N(0, 0.02) for the projections and the
+        embedding, N(0, 0.02 / sqrt(2 * n_layer)) for the two projections that write into the
+        residual stream (o_proj, down_proj), ones for the norm weights.
+        A BitLinear divides its latent weight by mean|W|, so this scale sets how far one
+        optimizer step moves a weight relative to the rounding boundaries, not the forward."""
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith('norm.weight'):
+                nn.init.ones_(p)
+            elif name.endswith(('o_proj.weight', 'down_proj.weight')):
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; non_embedding leaves out the token embedding (kept if it is tied)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """idx (B, T) token ids -> logits (B, T, vocab), loss (or None without targets).
+        With a kv_cache, idx holds the positions kv_cache.pos .. pos + T - 1, which are written
+        into the cache; without targets only the last position's logits are computed."""
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.drop(self.model.embed_tokens(idx))                      # (B, T, n_embd)
+        for block in self.model.layers:
+            x = block(x, cos, sin, kv_cache)
+        x = self.model.norm(x)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None                     # (B, 1, vocab)
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+        """Append max_new_tokens sampled tokens to idx (B, T). temperature=0 is greedy.
+        With the KV cache each new token costs one position; once the context passes
+        block_size, the window slides and the cache is refilled from the last block_size
+        tokens, so the output equals the uncached loop token for token."""
+        block_size = self.config.block_size
+        cache = None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(idx[:, -block_size:])
+            elif cache is None or cache.pos == block_size:
+                cache = KVCache(self.config, idx.size(0), block_size, idx.device, self.lm_head.weight.dtype)
+                logits, _ = self(idx[:, -block_size:], kv_cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], kv_cache=cache)
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float('inf')
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay on the 2-D weights only (matrices, embedding), none on norms.
+        The decayed group is param_groups[0], so a schedule can change its weight decay."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs (forward + backward) per token: 6 per matmul weight (lm_head included,
+        the embedding lookup is free) plus the attention scores, PaLM (arXiv 2204.02311) app. B."""
+        cfg = self.config
+        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+    def estimate_mfu(self, tokens_per_iter, seq_len, dt, peak_flops):
+        """Model FLOPs utilization: achieved training FLOP/s over peak_flops (None when unknown)."""
+        if not peak_flops:
+            return None
+        return self.flops_per_token(seq_len) * tokens_per_iter / dt / peak_flops
+
+
+# dense bf16 tensor-core peaks from the vendors' datasheets, FLOP/s (no sparsity)
+PEAK_BF16_FLOPS = {
+    'H200': 989e12, 'H100 NVL': 835e12, 'H100 PCIe': 756e12, 'H100': 989e12,
+    'A100': 312e12, 'A10G': 70e12, 'L4': 121e12, 'L40S': 362e12, 'RTX 4090': 165e12, 'RTX 3090': 71e12,
+}
+
+
+def device_peak_flops(device):
+    """(peak bf16 FLOP/s, device name) of a CUDA device; (None, name) elsewhere or when unknown."""
+    device = torch.device(device)
+    if device.type != 'cuda':
+        return None, device.type
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS.items():   # most specific names first
+        if key in name:
+            return flops, name
+    return None, name

@@ -1,0 +1,170 @@
+"""
+Turn a text file into what train.py reads: data/<name>/train.bin and val.bin (token ids,
+uint16) and meta.json (the tokenizer, so a checkpoint can decode its own samples).
+
+    python prepare_data.py shakespeare_char               # tiny Shakespeare, one token per character
+    python prepare_data.py shakespeare                    # tiny Shakespeare, GPT-2 BPE (tiktoken)
+    python prepare_data.py shakespeare_char --input=input.txt        # from a local copy
+    python prepare_data.py mybook --input=book.txt --tokenizer=char  # your own text, your own name
+
+The two built-in datasets download the tiny Shakespeare text when data/<name>/input.txt is
+absent and no --input is given. The first 90% of the text (by characters) is the training
+split, the rest validation, as in nanoGPT.
+"""
+
+import json
+import os
+import sys
+import urllib.request
+
+import numpy as np
+from tqdm import tqdm
+
+from configurator import configure, fail
+
+SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+DATASETS = {  # name -> (tokenizer, url of the text)
+    'shakespeare_char': ('char', SHAKESPEARE_URL),
+    'shakespeare': ('gpt2', SHAKESPEARE_URL),
+}
+TOKENIZERS = ('char', 'gpt2')
+
+
+class DataError(Exception):
+    """A problem the user can fix; the message says how."""
+
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+def gpt2_encoding():
+    import tiktoken
+    try:
+        return tiktoken.get_encoding('gpt2')
+    except Exception as e:
+        raise DataError(f"could not load tiktoken's GPT-2 files ({type(e).__name__}): connect to the "
+                        "internet once, or set TIKTOKEN_CACHE_DIR to a folder that holds them") from None
+
+
+def load_tokenizer(meta):
+    """meta (the dict in meta.json, also stored in checkpoints) -> (encode, decode).
+    encode raises DataError for a character outside a character-level vocabulary."""
+    if meta['tokenizer'] == 'char':
+        chars = meta['chars']
+        stoi = {ch: i for i, ch in enumerate(chars)}
+
+        def encode(text):
+            missing = sorted(set(text) - stoi.keys())
+            if missing:
+                raise DataError(f"character {missing[0]!r} is not in this model's vocabulary of "
+                                f"{len(chars)} characters; use only characters from its training text")
+            return [stoi[c] for c in text]
+
+        def decode(ids):
+            return ''.join(chars[i] for i in ids)
+        return encode, decode
+    if meta['tokenizer'] == 'gpt2':
+        enc = gpt2_encoding()
+        return (lambda text: enc.encode(text, allowed_special={'<|endoftext|>'})), enc.decode
+    raise DataError(f"unknown tokenizer {meta['tokenizer']!r} in meta data")
+
+
+def text_chunks(text, size=1 << 20):
+    """Split text into pieces of about size characters, cutting only after a newline that is
+    followed by a non-space character: GPT-2's pre-tokenizer splits there too, so encoding the
+    pieces one by one gives the same ids as encoding the whole text."""
+    start = 0
+    while start < len(text):
+        end = start + size
+        while end < len(text) and not (text[end - 1] == '\n' and not text[end].isspace()):
+            end += 1
+        yield text[start:end]
+        start = end
+
+
+def encode_gpt2(text, desc):
+    enc = gpt2_encoding()
+    ids = []
+    chunks = list(text_chunks(text))
+    for chunk in tqdm(chunks, desc=desc, unit='MB', disable=len(chunks) < 4):
+        ids.extend(enc.encode_ordinary(chunk))
+    return ids
+
+
+# -----------------------------------------------------------------------------
+
+def read_input(name, input_path, data_dir):
+    """The raw text: --input, else data/<name>/input.txt, else downloaded for built-ins."""
+    if input_path:
+        if not os.path.isfile(input_path):
+            raise DataError(f"input file not found: {input_path}")
+        with open(input_path, encoding='utf-8') as f:
+            return f.read()
+    local = os.path.join(data_dir, name, 'input.txt')
+    if os.path.isfile(local):
+        with open(local, encoding='utf-8') as f:
+            return f.read()
+    if name not in DATASETS:
+        raise DataError(f"no text for dataset '{name}': give your file with "
+                        f"python prepare_data.py {name} --input=PATH")
+    url = DATASETS[name][1]
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            text = r.read().decode('utf-8')
+    except Exception as e:
+        raise DataError(f"could not download {url} ({type(e).__name__}): either pass a local copy with "
+                        f"--input=PATH, or save that file as {local} yourself") from None
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    with open(local, 'w', encoding='utf-8') as f:
+        f.write(text)
+    return text
+
+
+def prepare(name, input_path='', tokenizer='', val_fraction=0.1, data_dir='data'):
+    """Write data/<name>/{train.bin, val.bin, meta.json}; returns the meta dict."""
+    tokenizer = tokenizer or DATASETS.get(name, ('char',))[0]
+    if tokenizer not in TOKENIZERS:
+        raise DataError(f"tokenizer must be one of {TOKENIZERS}, got '{tokenizer}'")
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    text = read_input(name, input_path, data_dir)
+    if len(text) < 100:
+        raise DataError(f"the text for '{name}' has only {len(text)} characters; give it at least a few thousand")
+    n = int(len(text) * (1 - val_fraction))
+    splits = {'train': text[:n], 'val': text[n:]}
+    if tokenizer == 'char':
+        chars = ''.join(sorted(set(text)))
+        meta = dict(tokenizer='char', vocab_size=len(chars), chars=chars)
+        lookup = {c: i for i, c in enumerate(chars)}
+        ids = {split: [lookup[c] for c in part] for split, part in splits.items()}
+    else:
+        meta = dict(tokenizer='gpt2', vocab_size=gpt2_encoding().n_vocab)
+        ids = {split: encode_gpt2(part, f"encoding {split}") for split, part in splits.items()}
+    meta['dtype'] = 'uint16' if meta['vocab_size'] <= 1 << 16 else 'uint32'
+    out = os.path.join(data_dir, name)
+    os.makedirs(out, exist_ok=True)
+    for split, arr in ids.items():
+        np.array(arr, dtype=meta['dtype']).tofile(os.path.join(out, f'{split}.bin'))
+    with open(os.path.join(out, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+    print(f"{name}: {len(text):,} characters, vocabulary {meta['vocab_size']:,} ({tokenizer}), "
+          f"train {len(ids['train']):,} tokens, val {len(ids['val']):,} tokens -> {out}/")
+    return meta
+
+
+# -----------------------------------------------------------------------------
+if __name__ == '__main__':
+    input = ''           # path of a local text file ('' = data/<name>/input.txt, or download a built-in)
+    tokenizer = ''       # 'char' or 'gpt2' ('' = the built-in's own, 'char' for your own text)
+    val_fraction = 0.1   # last part of the text held out for validation
+    data_dir = 'data'    # output goes to data_dir/<name>/
+    args = sys.argv[1:]
+    if not args or args[0].startswith('--'):
+        fail(f"name the dataset first: python prepare_data.py NAME [--input=PATH] "
+             f"[--tokenizer=char|gpt2] (built-ins: {', '.join(DATASETS)})")
+    configure(globals(), args[1:])
+    try:
+        prepare(args[0], input, tokenizer, val_fraction, data_dir)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,349 @@
+"""
+Train a 1.58-bit GPT. One process on a CPU, a Mac or a GPU:
+
+    python train.py config/shakespeare_char.py
+    python train.py config/shakespeare_char.py --device=cpu --max_iters=200 --compile=False
+
+Several GPUs of one node with DDP (launch with torchrun):
+
+    torchrun --standalone --nproc_per_node=4 train.py config/shakespeare_char.py
+
+The settings below are the defaults; a config file reassigns some of them and --key=value
+overrides single ones (configurator.py). Checkpoints go to out_dir/ckpt.pt, the log of
+every logged iteration and evaluation to out_dir/train_log.jsonl.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import prepare_data
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from configurator import configure, fail, settings_of
+from model import GPT, QUANT_MODES, GPTConfig, device_peak_flops
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out'
+eval_interval = 250        # evaluate (and maybe checkpoint) every this many iterations, and at the end
+log_interval = 10          # print the training loss every this many iterations
+eval_iters = 200           # batches per split in an evaluation
+eval_only = False          # evaluate once and exit
+always_save_checkpoint = False  # save at every evaluation, not only when val loss improves
+init_from = 'scratch'      # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+# wandb logging (imported only when on)
+wandb_log = False
+wandb_project = 'bitnet'
+wandb_run_name = 'run'
+# data
+dataset = 'shakespeare_char'   # data_dir/<dataset>/{train,val}.bin, meta.json (prepare_data.py)
+data_dir = 'data'
+gradient_accumulation_steps = 1  # micro-batches per optimizer step (over all DDP ranks)
+batch_size = 64            # sequences per micro-batch
+block_size = 256           # tokens per sequence
+# model
+n_layer = 6
+n_head = 6
+n_kv_head = None           # None: n_head; fewer for grouped-query attention
+n_embd = 384
+intermediate_size = None   # MLP width; None: 8/3 * n_embd, rounded up to 64
+dropout = 0.2
+quant = 'b1.58'            # 'b1.58' (ternary), 'b1' (binary) or 'none' (float baseline)
+tie_embeddings = False
+rope_theta = 10000.0
+# AdamW
+learning_rate = 1e-3       # peak learning rate
+max_iters = 5000           # optimizer steps
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0            # clip the gradient norm to this; 0 turns clipping off
+# learning rate schedule
+lr_schedule = 'cosine'     # 'cosine': warmup, then cosine to min_lr at lr_decay_iters
+                           # 'two_stage': the b1.58 recipe: cosine from learning_rate until
+                           # lr_decay_iters / 2, then a drop to stage2_lr and a cosine from there
+                           # to min_lr; weight decay is switched off in the second stage
+warmup_iters = 100
+lr_decay_iters = 5000      # usually max_iters
+min_lr = 1e-4
+stage2_lr = 4e-4           # peak of the second stage ('two_stage' only)
+# system
+device = 'auto'            # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'             # 'auto' (bfloat16 on CUDA where supported, else float16; float32 elsewhere),
+                           # 'float32', 'bfloat16', 'float16' (CUDA only, with a gradient scaler)
+compile = None             # torch.compile; None: on for CUDA, off elsewhere
+seed = 1337
+backend = 'nccl'           # DDP backend on CUDA ('gloo' is used on CPU)
+# -----------------------------------------------------------------------------
+config_keys = list(settings_of(globals()))
+configure(globals(), sys.argv[1:])
+config = {k: globals()[k] for k in config_keys}  # saved in the checkpoint and sent to wandb
+
+if quant not in QUANT_MODES:
+    fail(f"quant must be one of {', '.join(QUANT_MODES)}, got '{quant}'")
+if lr_schedule not in ('cosine', 'two_stage'):
+    fail(f"lr_schedule must be 'cosine' or 'two_stage', got '{lr_schedule}'")
+if init_from not in ('scratch', 'resume'):
+    fail(f"init_from must be 'scratch' or 'resume', got '{init_from}'")
+if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
+    fail(f"dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
+if min(eval_interval, log_interval, eval_iters, batch_size, block_size, gradient_accumulation_steps) < 1:
+    fail("eval_interval, log_interval, eval_iters, batch_size, block_size and gradient_accumulation_steps must be >= 1")
+
+# devices, DDP, precision -----------------------------------------------------
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device_type = device.split(':')[0]
+if device_type not in ('cpu', 'cuda', 'mps'):
+    fail(f"device must be auto, cpu, cuda[:N] or mps, got '{device}'")
+if device_type == 'cuda' and not torch.cuda.is_available():
+    fail("device is cuda but torch sees no CUDA GPU: use --device=cpu (or mps on a Mac)")
+if device_type == 'mps' and not torch.backends.mps.is_available():
+    fail("device is mps but this torch has no MPS support: use --device=cpu")
+ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun?
+if ddp:
+    from torch.distributed import barrier, destroy_process_group, init_process_group
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ddp_rank, ddp_local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
+    ddp_world_size = int(os.environ['WORLD_SIZE'])
+    if device_type == 'cuda':
+        device = f'cuda:{ddp_local_rank}'
+        torch.cuda.set_device(device)
+    init_process_group(backend=backend if device_type == 'cuda' else 'gloo')
+    if gradient_accumulation_steps % ddp_world_size:
+        fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be a multiple of "
+             f"the number of processes ({ddp_world_size})")
+    gradient_accumulation_steps //= ddp_world_size
+else:
+    ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
+master_process = ddp_rank == 0  # logs, evaluates and checkpoints
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+if dtype == 'float16' and device_type != 'cuda':
+    fail("dtype float16 needs CUDA (it trains with a CUDA gradient scaler): use float32 or bfloat16")
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+scaler = torch.amp.GradScaler('cuda', enabled=(dtype == 'float16'))
+if compile is None:
+    compile = device_type == 'cuda'
+if device_type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+# data: prepared on the fly for the built-in datasets ---------------------------
+data_path = os.path.join(data_dir, dataset)
+if not all(os.path.exists(os.path.join(data_path, f)) for f in ('train.bin', 'val.bin', 'meta.json')):
+    if dataset not in prepare_data.DATASETS:
+        fail(f"dataset '{dataset}' is not prepared: run python prepare_data.py {dataset} --input=YOUR_TEXT.txt")
+    if master_process:
+        try:
+            prepare_data.prepare(dataset, data_dir=data_dir)
+        except prepare_data.DataError as e:
+            fail(f"{e} (then: python prepare_data.py {dataset} --input=PATH)")
+    if ddp:
+        barrier()
+with open(os.path.join(data_path, 'meta.json')) as f:
+    meta = json.load(f)
+TRAIN, EVAL = 0, 1  # purposes of random draws
+
+
+def get_batch(split, purpose, *key):
+    """A batch of batch_size random windows of split. Its randomness is a function of
+    (seed, purpose, key) alone: training draws use (rank, iter, micro_step), evaluations a
+    fixed set per split, so a resumed run sees the same batches as an uninterrupted one."""
+    # recreate np.memmap every batch to avoid a memory leak (nanoGPT)
+    data = np.memmap(os.path.join(data_path, f'{split}.bin'), dtype=meta['dtype'], mode='r')
+    if len(data) <= block_size:
+        fail(f"{data_path}/{split}.bin has {len(data)} tokens, fewer than block_size + 1 ({block_size + 1})")
+    rng = np.random.default_rng([seed, purpose, *key])
+    ix = rng.integers(0, len(data) - block_size, size=batch_size)
+    x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in ix]))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in ix]))
+    if device_type == 'cuda':  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# model ---------------------------------------------------------------------------
+model_args = dict(block_size=block_size, vocab_size=meta['vocab_size'], n_layer=n_layer, n_head=n_head,
+                  n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size, dropout=dropout,
+                  quant=quant, tie_embeddings=tie_embeddings, rope_theta=rope_theta)
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+iter_num, best_val_loss, best_iter = 0, float('inf'), 0
+torch.manual_seed(seed)  # the same initial weights on every rank
+if init_from == 'scratch':
+    if master_process and os.path.exists(ckpt_path) and not eval_only:
+        fail(f"{ckpt_path} exists and a new run would overwrite it: continue it with --init_from=resume, "
+             f"or choose another --out_dir, or delete it")
+    try:
+        model = GPT(GPTConfig(**model_args))
+    except ValueError as e:
+        fail(str(e))
+    checkpoint = None
+else:
+    try:
+        checkpoint = load_checkpoint(ckpt_path, map_location=device)
+        if checkpoint.get('tokenizer') != meta:
+            raise CheckpointError(f"{ckpt_path} was trained on another vocabulary than {data_path}: "
+                                  f"resume it with its own --dataset")
+        # the architecture is the checkpoint's; dropout may change
+        changed = [k for k, v in checkpoint['model_args'].items() if k != 'dropout' and model_args.get(k) != v]
+        if changed and master_process:
+            print(f"resuming with the checkpoint's {', '.join(changed)} (not the settings')")
+        model_args = {**checkpoint['model_args'], 'dropout': dropout}
+        model = model_from_checkpoint(checkpoint, ckpt_path, dropout=dropout)
+    except CheckpointError as e:
+        fail(str(e))
+    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+    best_iter = checkpoint.get('best_iter', iter_num)
+model.to(device)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    scaler.load_state_dict(checkpoint['scaler'])
+checkpoint = None  # free up memory
+raw_model = model  # what we save: no '_orig_mod.' (compile) or 'module.' (DDP) prefixes
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
+peak_flops, device_name = device_peak_flops(device)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters fixed batches of each split."""
+    out = {}
+    model.eval()
+    for split in ('train', 'val'):
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            X, Y = get_batch(split, EVAL, 0 if split == 'train' else 1, k)
+            with autocast:
+                _, loss = model(X, Y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def get_lr(it):
+    """Learning rate at iteration it (see lr_schedule above)."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    if lr_schedule == 'two_stage' and it >= lr_decay_iters // 2:
+        start, peak = lr_decay_iters // 2, stage2_lr
+    else:
+        start, peak = warmup_iters, learning_rate
+    ratio = (it - start) / (lr_decay_iters - start)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak - min_lr)
+
+
+def get_weight_decay(it):
+    """weight_decay, except in the second stage of 'two_stage', where it is 0 (b1.58 recipe)."""
+    return 0.0 if lr_schedule == 'two_stage' and it >= lr_decay_iters // 2 else weight_decay
+
+
+# logging --------------------------------------------------------------------------
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
+    log_file = open(os.path.join(out_dir, 'train_log.jsonl'), 'a' if init_from == 'resume' else 'w')
+    n_params = raw_model.get_num_params()
+    print(f"{n_params / 1e6:.2f}M parameters (non-embedding), quant={raw_model.config.quant}, "
+          f"{device_name}, {dtype}, compile={compile}, {ddp_world_size} process(es), "
+          f"{tokens_per_iter:,} tokens per iteration")
+if wandb_log and master_process:
+    try:
+        import wandb
+    except ImportError:
+        fail("wandb_log=True needs wandb: pip install wandb (or WANDB_MODE=offline to log locally)")
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+
+def log(record):
+    """One line on the console, one JSON line in train_log.jsonl, and wandb when on."""
+    log_file.write(json.dumps(record) + '\n')
+    log_file.flush()
+    if wandb_log:
+        wandb.log(record, step=record['iter'])
+
+
+# training loop ------------------------------------------------------------------
+pbar = tqdm(total=max_iters, initial=iter_num, unit='it', dynamic_ncols=True,
+            disable=not (master_process and sys.stderr.isatty()))
+running_mfu = None
+local_iter = 0  # iterations of this process (the first ones include compilation)
+t0 = time.time()
+while True:
+    lr, wd = get_lr(iter_num), get_weight_decay(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    optimizer.param_groups[0]['weight_decay'] = wd  # the decayed group (configure_optimizers)
+
+    if master_process and (iter_num % eval_interval == 0 or iter_num >= max_iters):
+        losses = estimate_loss()
+        tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr))
+        if losses['val'] < best_val_loss:
+            best_val_loss, best_iter = losses['val'], iter_num
+            improved = True
+        else:
+            improved = False
+        if (improved or always_save_checkpoint) and iter_num > 0 and not eval_only:
+            save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                                 scaler=scaler.state_dict(), model_args=model_args, iter_num=iter_num,
+                                 best_val_loss=best_val_loss, best_iter=best_iter, config=config,
+                                 tokenizer=meta), ckpt_path)
+            tqdm.write(f"saved checkpoint to {ckpt_path}")
+        t0 = time.time()  # evaluation time is not training time
+    if iter_num >= max_iters or eval_only:
+        break
+
+    # dropout draws from the global generator: seed it per iteration (see get_batch)
+    torch.manual_seed(seed + 1_000_003 * ddp_rank + iter_num)
+    for micro_step in range(gradient_accumulation_steps):
+        if ddp:  # sync gradients on the last micro-step only
+            model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
+        X, Y = get_batch('train', TRAIN, ddp_rank, iter_num, micro_step)
+        with autocast:
+            logits, loss = model(X, Y)
+            loss = loss / gradient_accumulation_steps  # the mean over micro-steps
+        scaler.scale(loss).backward()
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+    t1 = time.time()
+    dt, t0 = t1 - t0, t1
+    if master_process and iter_num % log_interval == 0:
+        lossf = loss.item() * gradient_accumulation_steps  # a CPU-GPU sync point
+        mfu = raw_model.estimate_mfu(tokens_per_iter, block_size, dt, peak_flops)
+        if mfu is not None and local_iter >= 5:
+            running_mfu = mfu if running_mfu is None else 0.9 * running_mfu + 0.1 * mfu
+        mfu_text = f", mfu {running_mfu * 100:.1f}%" if running_mfu is not None else ""
+        tqdm.write(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, time {dt * 1000:.1f}ms{mfu_text}")
+        log(dict(iter=iter_num, loss=lossf, lr=lr, weight_decay=wd, dt_ms=dt * 1000, mfu=running_mfu))
+    iter_num += 1
+    local_iter += 1
+    pbar.update(1)
+
+pbar.close()
+if master_process:
+    print(f"best val loss {best_val_loss:.4f} at iter {best_iter}")
+    log_file.close()
+if ddp:
+    destroy_process_group()
