@@ -66,7 +66,7 @@ def configure(namespace, args):
                 source = open(path).read()
             except OSError:
                 fail(f"config file not found: {path} (a config file is a .py file; flags look like --key=value)")
-            scope = {}
+            scope = {'__file__': path}  # so a config can build on another (see config/)
             try:
                 exec(compile(source, path, 'exec'), scope)
             except SyntaxError as e:

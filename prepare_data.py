@@ -70,13 +70,15 @@ def load_tokenizer(meta):
 
 
 def text_chunks(text, size=1 << 20):
-    """Split text into pieces of about size characters, cutting only after a newline that is
-    followed by a non-space character: GPT-2's pre-tokenizer splits there too, so encoding the
-    pieces one by one gives the same ids as encoding the whole text."""
+    """Split text into pieces of about size characters, cutting only after a lone newline
+    between two non-space characters ("x\ny"): GPT-2's pre-tokenizer makes that newline a token
+    of its own, so encoding the pieces one by one gives the same ids as the whole text.
+    (After "\n\n" it would not: at the end of a piece the pair becomes one token.)"""
     start = 0
     while start < len(text):
         end = start + size
-        while end < len(text) and not (text[end - 1] == '\n' and not text[end].isspace()):
+        while end < len(text) and not (text[end - 1] == '\n' and not text[end - 2].isspace()
+                                       and not text[end].isspace()):
             end += 1
         yield text[start:end]
         start = end

@@ -1,0 +1,29 @@
+# A baby GPT with BitNet b1.58 layers on tiny Shakespeare, one token per character.
+# The size of nanoGPT's shakespeare_char config: 6 layers, 6 heads, 384 wide, block 256,
+# batch 64, 5000 iterations (about 10.7M parameters, 10.6M of them in BitLinear layers).
+out_dir = 'out-shakespeare-char'
+eval_interval = 250
+eval_iters = 200
+log_interval = 10
+always_save_checkpoint = False  # this small data set overfits: keep the best model only
+
+wandb_project = 'shakespeare-char'
+wandb_run_name = 'bitnet-b1.58'
+
+dataset = 'shakespeare_char'
+gradient_accumulation_steps = 1
+batch_size = 64
+block_size = 256
+
+n_layer = 6
+n_head = 6
+n_embd = 384
+dropout = 0.2
+quant = 'b1.58'
+
+learning_rate = 2e-3  # ternary weights want a higher peak than float (nanoGPT: 1e-3)
+max_iters = 5000
+lr_decay_iters = 5000
+min_lr = 2e-4
+beta2 = 0.99  # a little higher than 0.95 because the batches are small
+warmup_iters = 100

@@ -1,0 +1,190 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bitlinear import (BitLinear, BitLinear1b, RMSNorm, bitlinear_report, pack_ternary, quantize_activation,
+                       quantize_activation_1b, quantize_weight, quantize_weight_1b, unpack_2bit, unpack_ternary,
+                       verify_bitlinear)
+
+
+# --- b1.58 quantizers against hand-computed values ----------------------------------
+
+def test_quantize_weight_hand_values():
+    w = torch.tensor([[0.5, -1.0, 0.0, 2.0], [0.1, -0.2, 0.3, -0.4]])
+    w_t, s = quantize_weight(w)
+    # mean|W| = 4.5 / 8 = 0.5625; W / s = [.89, -1.78, 0, 3.56, .18, -.36, .53, -.71]
+    assert s.item() == pytest.approx(0.5625)
+    assert w_t.dtype == torch.int8
+    assert w_t.tolist() == [[1, -1, 0, 1], [0, 0, 1, -1]]
+
+
+def test_quantize_weight_all_zero_uses_eps():
+    w_t, s = quantize_weight(torch.zeros(3, 5))
+    assert s.item() == pytest.approx(1e-5)
+    assert w_t.abs().sum().item() == 0
+
+
+def test_quantize_activation_hand_values():
+    x = torch.tensor([[1.0, -0.5, 0.25, 0.0], [-2.0, 1.0, 0.0, 0.0]])
+    x_int, s = quantize_activation(x)
+    assert s.squeeze(-1).tolist() == pytest.approx([127.0, 63.5])
+    # 127 * -0.5 = -63.5 rounds half to even -> -64; 127 * 0.25 = 31.75 -> 32; 63.5 * 1.0 -> 64 (even)
+    assert x_int.tolist() == [[127, -64, 32, 0], [-127, 64, 0, 0]]
+    assert x_int.dtype == torch.int8
+
+
+def test_quantize_activation_range_and_all_zero():
+    x = torch.randn(64, 33) * 100
+    x_int, s = quantize_activation(x)
+    assert x_int.min().item() >= -127 and x_int.max().item() <= 127   # absmax maps onto +-127 exactly
+    assert (x_int.abs().amax(dim=-1) == 127).all()
+    z_int, z_s = quantize_activation(torch.zeros(2, 4))
+    assert z_int.abs().sum().item() == 0
+    assert z_s.flatten().tolist() == pytest.approx([127 / 1e-5] * 2)
+    tiny_int, _ = quantize_activation(torch.tensor([[1e-7, -2e-6]]))  # max|x| below eps: clamped scale
+    assert tiny_int.tolist() == [[1, -25]]   # 1e-7 * 127 / 1e-5 = 1.27, -2e-6 * 127 / 1e-5 = -25.4
+
+
+def test_bitlinear_forward_is_the_dequantized_product():
+    torch.manual_seed(0)
+    layer = BitLinear(16, 8)
+    x = torch.randn(3, 5, 16)
+    w_t, s_w = quantize_weight(layer.weight)
+    x_int, s_x = quantize_activation(x)
+    expected = (x_int.float() / s_x) @ (w_t.float() * s_w).t()
+    assert torch.allclose(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bitlinear_ste_gradients_are_the_identity():
+    torch.manual_seed(0)
+    layer = BitLinear(12, 7)
+    x = torch.randn(4, 12, requires_grad=True)
+    g = torch.randn(4, 7)
+    layer(x).backward(g)
+    w_t, s_w = quantize_weight(layer.weight)
+    x_int, s_x = quantize_activation(x)
+    w_q, x_q = w_t.float() * s_w, x_int.float() / s_x
+    assert torch.allclose(x.grad, g @ w_q, atol=1e-6)             # dy/dx = W_q
+    assert torch.allclose(layer.weight.grad, g.t() @ x_q, atol=1e-5)  # dy/dW = x_q
+
+
+def test_bitlinear_rms_norm_option():
+    torch.manual_seed(0)
+    plain, normed = BitLinear(10, 6), BitLinear(10, 6, rms_norm=True)
+    normed.weight.data.copy_(plain.weight.data)
+    normed.norm.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 10) * 3
+    assert torch.equal(normed(x), plain(normed.norm(x)))
+    assert not torch.allclose(normed(x), plain(x))
+
+
+# --- b1 -------------------------------------------------------------------------------
+
+def test_b1_weight_hand_values():
+    w = torch.tensor([[1.0, 2.0], [3.0, -2.0]])
+    w_b, beta = quantize_weight_1b(w)
+    # alpha = mean(W) = 1; W - alpha = [0, 1, 2, -3]; sign(0) = -1; beta = mean|W| = 2
+    assert w_b.tolist() == [[-1, 1], [1, -1]]
+    assert beta.item() == 2.0
+
+
+def test_b1_activation_hand_values():
+    x = torch.tensor([[0.5, -1.0, 0.25]])
+    x_q, gamma = quantize_activation_1b(x)          # Q_b = 128, gamma = 1
+    assert gamma.item() == 1.0
+    assert x_q.tolist() == [[64.0, -128.0, 32.0]]   # -128 clamps to -128 + eps, rounds back
+    x_q4, _ = quantize_activation_1b(x, bit_width=4)  # Q_b = 8
+    assert x_q4.tolist() == [[4.0, -8.0, 2.0]]
+    # before a non-linearity: eta = -1, (x - eta) * 128 = [192, 0, 160] -> clamp [eps, 128 - eps]
+    x_qn, _ = quantize_activation_1b(x, before_nonlinear=True)
+    assert x_qn.tolist() == [[128.0, 0.0, 128.0]]
+    x_qe, _ = quantize_activation_1b(torch.tensor([[0.5, -1.0]]), eps=0.6)   # clamp at -128 + 0.6
+    assert x_qe.tolist() == [[64.0, -127.0]]
+
+
+def test_b1_layer_output_and_options():
+    layer = BitLinear1b(2, 2, bias=True)
+    layer.weight.data = torch.tensor([[1.0, 2.0], [3.0, -2.0]])
+    layer.bias.data = torch.tensor([0.5, -0.5])
+    x = torch.tensor([[0.5, -1.0]])
+    # x_q = [64, -128]; W_b = [[-1, 1], [1, -1]]; y = x_q @ W_b^T * beta * gamma / Q_b + b
+    expected = torch.tensor([[-192.0, 192.0]]) * 2.0 / 128 + layer.bias
+    assert torch.allclose(layer(x), expected)
+    assert BitLinear1b(4, 3).bias is not None and BitLinear1b(4, 3, bias=False).bias is None
+    nl = BitLinear1b(2, 2, bias=False, before_nonlinear=True)
+    nl.weight.data = layer.weight.data.clone()
+    # before_nonlinear: x_q = [128, 0] (eta = -1); y = [-128, 128] * 2 / 128
+    assert torch.allclose(nl(x), torch.tensor([[-2.0, 2.0]]))
+
+
+def test_b1_ste_gradients():
+    torch.manual_seed(0)
+    layer = BitLinear1b(9, 5, bias=False)
+    x = torch.randn(3, 9, requires_grad=True)
+    g = torch.randn(3, 5)
+    layer(x).backward(g)
+    w_b, beta = quantize_weight_1b(layer.weight)
+    assert torch.allclose(x.grad, g @ (w_b.float() * beta), atol=1e-6)
+
+
+# --- packing --------------------------------------------------------------------------
+
+def test_pack_hand_made_bytes():
+    w = torch.tensor([[-1], [0], [1], [1], [0]], dtype=torch.int8)   # out = 5: R = 2 packed rows
+    packed = pack_ternary(w)
+    # packed row 0: rows 0, 2, 4 -> codes 0 | 2 << 2 | 1 << 4 = 24; row 1: rows 1, 3 -> 1 | 2 << 2 = 9
+    assert packed.dtype == torch.uint8
+    assert packed.tolist() == [[24], [9]]
+
+
+@pytest.mark.parametrize('shape', [(1, 1), (1, 3), (4, 4), (5, 7), (6, 2), (13, 1), (64, 33), (127, 5)])
+def test_pack_unpack_round_trip(shape):
+    g = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
+    w = torch.randint(-1, 2, shape, generator=g, dtype=torch.int8)
+    packed = pack_ternary(w)
+    assert packed.shape == (math.ceil(shape[0] / 4), shape[1])
+    assert torch.equal(unpack_ternary(packed, shape[0]), w)
+    assert unpack_2bit(packed, shape[0]).max().item() <= 2
+
+
+# --- report and verification -------------------------------------------------------------
+
+def tiny_model(quant='b1.58'):
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=2, n_head=2, n_embd=32, quant=quant))
+
+
+def test_report_flags_non_ternary_layers():
+    model = tiny_model()
+    rows = bitlinear_report(model)
+    assert len(rows) == 14 and all(r['ok'] for r in rows)
+    assert all(0.1 < r['zero_fraction'] < 0.6 for r in rows)
+    model.model.layers[1].mlp.up_proj.weight.data[0, 0] = float('inf')
+    bad = [r['name'] for r in bitlinear_report(model) if not r['ok']]
+    assert bad == ['model.layers.1.mlp.up_proj']
+
+
+@pytest.mark.parametrize('quant', ['b1.58', 'b1'])
+def test_verify_passes_with_exact_equality(quant):
+    model = tiny_model(quant)
+    report = verify_bitlinear(model, torch.randint(20, (2, 16)))
+    assert report['ok'] and report['n_layers'] == 14
+    assert report['max_diff'] == 0.0
+    assert report['packed_bits'] == 2.0
+
+
+def test_verify_fails_when_forward_skips_quantization(monkeypatch):
+    model = tiny_model()
+    monkeypatch.setattr(BitLinear, 'forward', lambda self, x: F.linear(x, self.weight))
+    report = verify_bitlinear(model, torch.randint(20, (2, 16)))
+    assert not report['ok'] and report['max_diff'] > report['tol']
+
+
+def test_rmsnorm():
+    norm = RMSNorm(4, eps=0.0)
+    norm.weight.data = torch.tensor([1.0, 2.0, 1.0, 1.0])
+    y = norm(torch.tensor([[1.0, 1.0, -1.0, -1.0], [2.0, 0.0, 0.0, 0.0]]))
+    assert torch.allclose(y, torch.tensor([[1.0, 2.0, -1.0, -1.0], [2.0, 0.0, 0.0, 0.0]]))

@@ -1,0 +1,112 @@
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bitlinear import BitLinear, BitLinear1b
+from model import GPT, GPTConfig, KVCache, apply_rotary, rotary_tables
+
+
+def make(quant='b1.58', **kw):
+    torch.manual_seed(0)
+    args = dict(block_size=24, vocab_size=30, n_layer=2, n_head=4, n_embd=32, quant=quant)
+    args.update(kw)
+    return GPT(GPTConfig(**args))
+
+
+@pytest.mark.parametrize('quant,layer_type', [('b1.58', BitLinear), ('b1', BitLinear1b), ('none', nn.Linear)])
+def test_forward_backward_all_quant_modes(quant, layer_type):
+    model = make(quant)
+    projections = [m for n, m in model.named_modules() if n.endswith('_proj')]
+    assert len(projections) == 14 and all(type(m) is layer_type for m in projections)
+    idx = torch.randint(30, (3, 24))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 24, 30)
+    assert abs(loss.item() - math.log(30)) < 0.3   # near-uniform predictions at initialization
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_state_dict_names_are_hugging_face_names():
+    model = make(n_kv_head=2)
+    keys = set(model.state_dict())
+    layer = {'input_layernorm.weight', 'post_attention_layernorm.weight', 'self_attn.attn_sub_norm.weight',
+             'mlp.ffn_sub_norm.weight'} | {f'self_attn.{p}_proj.weight' for p in 'qkvo'} \
+        | {f'mlp.{p}_proj.weight' for p in ('gate', 'up', 'down')}
+    expected = {'model.embed_tokens.weight', 'model.norm.weight', 'lm_head.weight'} \
+        | {f'model.layers.{i}.{k}' for i in range(2) for k in layer}
+    assert keys == expected
+    sd = model.state_dict()
+    assert sd['model.layers.0.self_attn.k_proj.weight'].shape == (16, 32)  # 2 kv heads of 8
+    assert sd['model.layers.0.mlp.gate_proj.weight'].shape == (128, 32)    # 8/3 * 32 -> 128 (multiple of 64)
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = make(tie_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.get_num_params(non_embedding=True) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize('quant', ['b1.58', 'b1', 'none'])
+@pytest.mark.parametrize('n_kv_head', [4, 1])
+def test_kv_cache_generation_equals_uncached(quant, n_kv_head):
+    model = make(quant, n_kv_head=n_kv_head).eval()
+    prompt = torch.randint(30, (2, 5))
+    # 40 new tokens run past block_size (24): the window slides and the cache is refilled
+    cached = model.generate(prompt, 40, temperature=0)
+    uncached = model.generate(prompt, 40, temperature=0, use_cache=False)
+    assert cached.shape == (2, 45)
+    assert torch.equal(cached, uncached)
+
+
+def test_chunked_prefill_matches_full_forward():
+    model = make().eval()
+    idx = torch.randint(30, (2, 20))
+    with torch.no_grad():
+        full, _ = model(idx, idx)  # logits at every position
+        cache = KVCache(model.config, 2, 24, 'cpu', torch.float32)
+        a, _ = model(idx[:, :12], kv_cache=cache)
+        b, _ = model(idx[:, 12:], kv_cache=cache)   # a chunk after a prefix: the masked path
+    assert cache.pos == 20
+    assert torch.allclose(a[:, -1], full[:, 11], atol=1e-5)
+    assert torch.allclose(b[:, -1], full[:, 19], atol=1e-5)
+
+
+def test_rotary_is_a_rotation_of_pairs_i_and_i_plus_half():
+    cos, sin = rotary_tables(4, 3, theta=10000.0)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4).expand(1, 1, 3, 4)
+    y = apply_rotary(x, cos, sin)
+    assert torch.allclose(y[0, 0, 0], x[0, 0, 0])    # position 0 is not rotated
+    # position 1, frequency 1 on the pair (x0, x2) = (1, 3): (cos1 - 3 sin1, 3 cos1 + sin1)
+    c, s = math.cos(1.0), math.sin(1.0)
+    assert y[0, 0, 1, 0].item() == pytest.approx(c - 3 * s, abs=1e-6)
+    assert y[0, 0, 1, 2].item() == pytest.approx(3 * c + s, abs=1e-6)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1))
+
+
+def test_optimizer_decays_only_matrices():
+    model = make()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    decay, no_decay = opt.param_groups
+    assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
+    assert all(p.dim() == 2 for p in decay['params']) and all(p.dim() == 1 for p in no_decay['params'])
+    assert len(decay['params']) == 2 * 7 + 2 and len(no_decay['params']) == 2 * 4 + 1
+
+
+def test_flops_per_token_and_mfu():
+    model = make()
+    # matmul weights: 2 layers x (4 * 32*32 + 3 * 32*128) + lm_head 30*32
+    n = 2 * (4 * 32 * 32 + 3 * 32 * 128) + 30 * 32
+    assert model.flops_per_token(24) == 6 * n + 12 * 2 * 32 * 24
+    assert model.estimate_mfu(1000, 24, 0.5, None) is None
+    assert model.estimate_mfu(1000, 24, 0.5, 1e9) == pytest.approx(model.flops_per_token(24) * 1000 / 0.5 / 1e9)
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match='quant'):
+        GPTConfig(quant='b2')
+    with pytest.raises(ValueError, match='divisible'):
+        GPTConfig(n_embd=30, n_head=4)

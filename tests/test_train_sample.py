@@ -1,0 +1,136 @@
+import json
+import os
+
+import pytest
+import torch
+
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from conftest import TINY, run
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, 'train_log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def train(corpus_dir, out_dir, *args):
+    return run('train.py', *TINY, f'--data_dir={corpus_dir}', '--dataset=tiny', f'--out_dir={out_dir}', *args)
+
+
+def test_loss_falls_clearly(trained_ckpt):
+    evals = [r for r in read_log(trained_ckpt) if 'val_loss' in r]
+    assert [r['iter'] for r in evals] == [0, 30, 60]
+    assert evals[0]['val_loss'] > 3.0                       # ln(vocab of ~30 characters) = 3.4
+    assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 1.0
+    ckpt = load_checkpoint(os.path.join(trained_ckpt, 'ckpt.pt'))
+    assert ckpt['iter_num'] == 60 and ckpt['best_iter'] == 60
+    assert ckpt['best_val_loss'] == pytest.approx(evals[-1]['val_loss'])
+    assert not any(k.startswith(('_orig_mod.', 'module.')) for k in ckpt['model'])
+
+
+@pytest.mark.parametrize('schedule', ['cosine', 'two_stage'])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus_dir, schedule):
+    common = ['--log_interval=1', '--eval_interval=6', '--always_save_checkpoint=True', '--lr_decay_iters=12',
+              '--warmup_iters=2', f'--lr_schedule={schedule}', '--dropout=0.1', '--gradient_accumulation_steps=2']
+    full, part = tmp_path / 'full', tmp_path / 'part'
+    assert train(corpus_dir, full, *common, '--max_iters=12').returncode == 0
+    assert train(corpus_dir, part, *common, '--max_iters=6').returncode == 0
+    r = train(corpus_dir, part, *common, '--max_iters=12', '--init_from=resume')
+    assert r.returncode == 0, r.stderr
+    losses = lambda d: [(x['iter'], x['loss'], x['lr'], x['weight_decay']) for x in read_log(d) if 'loss' in x]
+    assert len(losses(full)) == 12
+    assert losses(part) == losses(full)   # exactly, float for float
+    if schedule == 'two_stage':            # stage 2 from iter 6: no weight decay, a lower peak
+        assert [x[3] for x in losses(full)] == [0.1] * 6 + [0.0] * 6
+        assert losses(full)[6][2] < losses(full)[5][2]
+
+
+def test_a_new_run_never_overwrites_a_checkpoint(corpus_dir, trained_ckpt):
+    before = os.path.getmtime(trained_ckpt / 'ckpt.pt')
+    r = train(corpus_dir, trained_ckpt, '--max_iters=1')
+    assert r.returncode == 2
+    assert 'exists' in r.stderr and '--init_from=resume' in r.stderr and 'Traceback' not in r.stderr
+    assert os.path.getmtime(trained_ckpt / 'ckpt.pt') == before
+
+
+def test_exception_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / 'ckpt.pt')
+    save_checkpoint({'model': {'w': torch.ones(3)}, 'model_args': {}}, path)
+    real_save = torch.save
+
+    def broken_save(obj, f, *a, **kw):
+        with open(f, 'wb') as fh:
+            fh.write(b'half a checkpoint')
+        raise OSError('disk full')
+    monkeypatch.setattr(torch, 'save', broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint({'model': {'w': torch.zeros(3)}, 'model_args': {}}, path)
+    monkeypatch.setattr(torch, 'save', real_save)
+    assert torch.equal(load_checkpoint(path)['model']['w'], torch.ones(3))
+    assert os.listdir(tmp_path) == ['ckpt.pt']
+
+
+def test_damaged_and_missing_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match='no checkpoint'):
+        load_checkpoint(str(tmp_path / 'nope.pt'))
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(b'not a checkpoint at all')
+    with pytest.raises(CheckpointError, match='damaged'):
+        load_checkpoint(str(bad))
+
+
+def test_sample_verifies_and_generates(trained_ckpt):
+    r = run('sample.py', f'--out_dir={trained_ckpt}', '--num_samples=2', '--max_new_tokens=40',
+            '--start=ROMEO:', '--device=cpu')
+    assert r.returncode == 0, r.stderr
+    assert '14 BitLinear layers' in r.stdout and 'PASS' in r.stdout
+    assert 'max |diff| 0 ' in r.stdout
+    samples = r.stdout.split('PASS\n', 1)[1].split('---------------\n')
+    assert len(samples) == 3 and samples[2] == ''
+    assert all(s.startswith('ROMEO:') and len(s) == len('ROMEO:') + 40 + 1 for s in samples[:2])
+
+
+def test_sample_fails_on_a_tampered_checkpoint(tmp_path, trained_ckpt):
+    ckpt = load_checkpoint(os.path.join(trained_ckpt, 'ckpt.pt'))
+    ckpt['model']['model.layers.1.self_attn.v_proj.weight'][3, 5] = float('inf')
+    path = str(tmp_path / 'tampered.pt')
+    save_checkpoint(ckpt, path)
+    r = run('sample.py', f'--ckpt_path={path}', '--num_samples=1', '--max_new_tokens=5', '--device=cpu')
+    assert r.returncode == 1
+    assert 'FAIL' in r.stdout and 'model.layers.1.self_attn.v_proj' in r.stdout
+    assert '13 of them exactly' in r.stdout
+
+
+def test_sample_user_errors(tmp_path, trained_ckpt):
+    r = run('sample.py', f'--out_dir={trained_ckpt}', '--start=ROMEO€', '--device=cpu')
+    assert r.returncode == 2 and "'€' is not in this model's vocabulary" in r.stderr
+    assert r.stderr.count('\n') == 1
+    r = run('sample.py', f'--out_dir={tmp_path}', '--device=cpu')
+    assert r.returncode == 2 and 'no checkpoint at' in r.stderr and 'Traceback' not in r.stderr
+    bad = tmp_path / 'ckpt.pt'
+    bad.write_bytes(open(os.path.join(trained_ckpt, 'ckpt.pt'), 'rb').read()[:5000])   # truncated
+    r = run('sample.py', f'--out_dir={tmp_path}', '--device=cpu')
+    assert r.returncode == 2 and 'damaged' in r.stderr and 'Traceback' not in r.stderr
+    r = run('sample.py', f'--out_dir={trained_ckpt}', '--start=FILE:/nonexistent.txt', '--device=cpu')
+    assert r.returncode == 2 and 'prompt file not found' in r.stderr
+
+
+def test_float_checkpoint_says_there_is_nothing_to_verify(tmp_path, corpus_dir):
+    out = tmp_path / 'float'
+    assert train(corpus_dir, out, '--quant=none', '--max_iters=2', '--eval_interval=2').returncode == 0
+    r = run('sample.py', f'--out_dir={out}', '--num_samples=1', '--max_new_tokens=5', '--device=cpu')
+    assert r.returncode == 0
+    assert 'no BitLinear layers' in r.stdout and 'PASS' not in r.stdout
+
+
+def test_train_prepares_a_missing_builtin_dataset_or_says_how(tmp_path):
+    r = run('train.py', *TINY, f'--data_dir={tmp_path}', '--dataset=mine', '--max_iters=1')
+    assert r.returncode == 2
+    assert 'python prepare_data.py mine --input=' in r.stderr
+    # a built-in dataset is prepared on the fly; offline, the download fails with one line
+    os.makedirs(tmp_path / 'shakespeare_char')
+    (tmp_path / 'shakespeare_char' / 'input.txt').write_text('hello world, ' * 1000)
+    r = run('train.py', *TINY, f'--data_dir={tmp_path}', '--dataset=shakespeare_char', '--max_iters=1',
+            f'--out_dir={tmp_path / "out"}', '--eval_interval=1')
+    assert r.returncode == 0, r.stderr
+    assert os.path.exists(tmp_path / 'shakespeare_char' / 'train.bin')
