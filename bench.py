@@ -11,6 +11,19 @@ Warm-up steps are not counted (they include compilation); the timed steps of the
 interleaved in rounds, so drift of the clock or the temperature hits all of them alike, and
 the median step time is reported. Peak memory is what a variant adds to the device's
 allocated memory while it trains (CUDA only).
+
+Decoding (batch 1, a short prompt, then greedy tokens) for the packed ternary model and the
+float model of the same shape with random weights:
+
+    python bench.py --mode=decode --n_layer=30 --n_head=20 --n_kv_head=5 --n_embd=2560 \
+        --intermediate_size=6912 --vocab_size=128256 --tie_embeddings=True --rope_theta=500000.0   # BitNet b1.58 2B4T
+    python bench.py --mode=decode --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50257 --tie_embeddings=True  # ~125M
+
+On CUDA both run in engine.py (static KV cache, one CUDA graph per token) in bfloat16; on the
+CPU both run model.generate in float32. Reported: tokens per second and ms per token (the
+prompt's prefill included), weight bytes, peak memory, and on CUDA the fraction of the memory
+bandwidth limit reached (weight bytes x tokens/s over the measured copy bandwidth), plus the
+prefill path (M = 512 rows) of the packed layer against unpacking to bfloat16 and a matmul.
 """
 
 import statistics
@@ -21,11 +34,11 @@ from contextlib import nullcontext
 import torch
 
 from configurator import configure, fail
-from model import GPT, QUANT_MODES, GPTConfig, device_peak_flops
+from model import GPT, QUANT_MODES, GPTConfig, device_peak_flops, rotary_tables
 
 # -----------------------------------------------------------------------------
-mode = 'train'             # 'train': training step time
-quants = 'none,b1.58,b1'   # variants to compare, the first one is the reference
+mode = 'train'             # 'train': training step time; 'decode': batch-1 generation speed
+quants = 'none,b1.58,b1'   # train: variants to compare, the first one is the reference
 n_layer = 6
 n_head = 6
 n_kv_head = None
@@ -40,14 +53,20 @@ compile = None             # None: on for CUDA
 warmup = 10                # untimed steps per variant
 rounds = 5                 # timing rounds; each round times steps_per_round steps of every variant
 steps_per_round = 10
+tie_embeddings = False
+rope_theta = 10000.0
+prompt_len = 16            # decode: prompt tokens (prefilled), then new_tokens greedy tokens
+new_tokens = 256
+repeats = 3                # decode: timed generations per variant (median)
+packed_file = ''           # decode: also write the packed model here and report its size
 seed = 1337
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 quant_list = quants.split(',')
 if any(q not in QUANT_MODES for q in quant_list):
     fail(f"quants must be a comma-separated list of {', '.join(QUANT_MODES)}, got '{quants}'")
-if mode != 'train':
-    fail(f"mode must be 'train', got '{mode}'")
+if mode not in ('train', 'decode'):
+    fail(f"mode must be 'train' or 'decode', got '{mode}'")
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
 device_type = device.split(':')[0]
@@ -63,72 +82,226 @@ if device_type == 'cuda':
 cuda = device_type == 'cuda'
 
 
+
 def sync():
     if cuda:
         torch.cuda.synchronize()
 
 
-torch.manual_seed(seed)
-batches = [(torch.randint(vocab_size, (batch_size, block_size), device=device),
-            torch.randint(vocab_size, (batch_size, block_size), device=device)) for _ in range(4)]
-variants = {}
-for quant in quant_list:
-    if cuda:
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                       n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size, quant=quant)
-    raw = GPT(config).to(device)
-    optimizer = raw.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device_type)
-    model = torch.compile(raw) if compile else raw
 
-    def step(model=model, optimizer=optimizer, i=[0]):
-        x, y = batches[i[0] % len(batches)]
-        i[0] += 1
-        with autocast:
-            _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    for _ in range(warmup):
-        step()
-    sync()
-    peak = (torch.cuda.max_memory_allocated() - base) if cuda else None
-    variants[quant] = dict(step=step, raw=raw, times=[], peak=peak)
-    print(f"{quant}: built, compiled={compile}, warmed up ({warmup} steps)", file=sys.stderr)
-
-for r in range(rounds):
-    for quant, v in variants.items():
+def bench_train():
+    """Training step time of each quant mode (see the module docstring)."""
+    batches = [(torch.randint(vocab_size, (batch_size, block_size), device=device),
+                torch.randint(vocab_size, (batch_size, block_size), device=device)) for _ in range(4)]
+    variants = {}
+    for quant in quant_list:
         if cuda:
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(steps_per_round + 1)]
-            events[0].record()
-            for k in range(steps_per_round):
-                v['step']()
-                events[k + 1].record()
-            torch.cuda.synchronize()
-            v['times'] += [events[k].elapsed_time(events[k + 1]) / 1000 for k in range(steps_per_round)]
-        else:
-            for _ in range(steps_per_round):
-                t0 = time.perf_counter()
-                v['step']()
-                v['times'].append(time.perf_counter() - t0)
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                           n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size, quant=quant)
+        raw = GPT(config).to(device)
+        optimizer = raw.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device_type)
+        model = torch.compile(raw) if compile else raw
 
-peak_flops, device_name = device_peak_flops(device)
-tokens = batch_size * block_size
-ref = statistics.median(variants[quant_list[0]]['times'])
-first = variants[quant_list[0]]['raw']
-print(f"device: {device_name}; torch {torch.__version__}; dtype {dtype}; compile {compile}")
-print(f"model: {n_layer} layers, {n_head} heads, {n_embd} wide, block {block_size}, batch {batch_size}, "
-      f"vocab {vocab_size}, {first.get_num_params() / 1e6:.1f}M non-embedding parameters; "
-      f"median of {rounds * steps_per_round} timed steps after {warmup} warm-up steps")
-print(f"{'quant':<7} {'step ms':>9} {'vs ' + quant_list[0]:>8} {'tokens/s':>11} {'MFU':>7} {'peak mem':>10}")
-for quant, v in variants.items():
-    t = statistics.median(v['times'])
-    mfu = v['raw'].estimate_mfu(tokens, block_size, t, peak_flops)
-    mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else 'n/a'
-    mem_text = f"{v['peak'] / 2**30:.2f} GiB" if v['peak'] is not None else 'n/a'
-    print(f"{quant:<7} {t * 1000:9.2f} {t / ref:7.3f}x {tokens / t:11,.0f} {mfu_text:>7} {mem_text:>10}")
-if peak_flops:
-    print(f"MFU against {peak_flops / 1e12:.0f} TFLOP/s, the dense bf16 peak of the {device_name} datasheet")
+        def step(model=model, optimizer=optimizer, i=[0]):
+            x, y = batches[i[0] % len(batches)]
+            i[0] += 1
+            with autocast:
+                _, loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for _ in range(warmup):
+            step()
+        sync()
+        peak = (torch.cuda.max_memory_allocated() - base) if cuda else None
+        variants[quant] = dict(step=step, raw=raw, times=[], peak=peak)
+        print(f"{quant}: built, compiled={compile}, warmed up ({warmup} steps)", file=sys.stderr)
+
+    for r in range(rounds):
+        for quant, v in variants.items():
+            if cuda:
+                events = [torch.cuda.Event(enable_timing=True) for _ in range(steps_per_round + 1)]
+                events[0].record()
+                for k in range(steps_per_round):
+                    v['step']()
+                    events[k + 1].record()
+                torch.cuda.synchronize()
+                v['times'] += [events[k].elapsed_time(events[k + 1]) / 1000 for k in range(steps_per_round)]
+            else:
+                for _ in range(steps_per_round):
+                    t0 = time.perf_counter()
+                    v['step']()
+                    v['times'].append(time.perf_counter() - t0)
+
+    peak_flops, device_name = device_peak_flops(device)
+    tokens = batch_size * block_size
+    ref = statistics.median(variants[quant_list[0]]['times'])
+    first = variants[quant_list[0]]['raw']
+    print(f"device: {device_name}; torch {torch.__version__}; dtype {dtype}; compile {compile}")
+    print(f"model: {n_layer} layers, {n_head} heads, {n_embd} wide, block {block_size}, batch {batch_size}, "
+          f"vocab {vocab_size}, {first.get_num_params() / 1e6:.1f}M non-embedding parameters; "
+          f"median of {rounds * steps_per_round} timed steps after {warmup} warm-up steps")
+    print(f"{'quant':<7} {'step ms':>9} {'vs ' + quant_list[0]:>8} {'tokens/s':>11} {'MFU':>7} {'peak mem':>10}")
+    for quant, v in variants.items():
+        t = statistics.median(v['times'])
+        mfu = v['raw'].estimate_mfu(tokens, block_size, t, peak_flops)
+        mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else 'n/a'
+        mem_text = f"{v['peak'] / 2**30:.2f} GiB" if v['peak'] is not None else 'n/a'
+        print(f"{quant:<7} {t * 1000:9.2f} {t / ref:7.3f}x {tokens / t:11,.0f} {mfu_text:>7} {mem_text:>10}")
+    if peak_flops:
+        print(f"MFU against {peak_flops / 1e12:.0f} TFLOP/s, the dense bf16 peak of the {device_name} datasheet")
+
+
+def random_model(quant, packed):
+    """A GPT of the benchmark's shape with random weights, built on the device without ever
+    allocating latent weights for the packed form."""
+    from packed import pack_model, PROJECTIONS
+    config = GPTConfig(block_size=max(block_size, prompt_len + new_tokens), vocab_size=vocab_size, n_layer=n_layer,
+                       n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size,
+                       quant=quant, tie_embeddings=tie_embeddings, rope_theta=rope_theta)
+    with torch.device('meta'):
+        model = GPT(config)
+    if packed:
+        weights = []
+        for block in model.model.layers:
+            w = {}
+            for name in PROJECTIONS:
+                layer = getattr(block.self_attn if name in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else block.mlp, name)
+                w_t = torch.randint(-1, 2, (layer.out_features, layer.in_features), dtype=torch.int8, device=device)
+                w[name] = (w_t, torch.rand((), device=device) * 0.02 + 0.01)
+            weights.append(w)
+        pack_model(model, weights)
+        del weights
+    for name, p in list(model.named_parameters()):
+        if p.is_meta:
+            module_name, _, attr = name.rpartition('.')
+            value = torch.ones(p.shape, device=device) if name.endswith('norm.weight') else \
+                torch.randn(p.shape, device=device) * 0.02
+            setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(value))
+    if tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rope_cos, model.rope_sin = [t.to(device) for t in rotary_tables(
+        config.n_embd // config.n_head, config.block_size, config.rope_theta)]
+    return model.eval()
+
+
+def tensor_bytes(model):
+    """Bytes of the model's weights (unique tensors; rotary tables excluded)."""
+    seen, total = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if 'rope_' in name or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def bench_decode():
+    """Batch-1 greedy decoding, packed ternary vs float, same engine (see the module docstring)."""
+    import os
+    import statistics
+    from engine import Engine
+    from packed import save_packed
+    results = []
+    prompt = torch.randint(vocab_size, (1, prompt_len), device=device)
+    for variant in ('packed', 'float'):
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        model = random_model('b1.58' if variant == 'packed' else 'none', variant == 'packed')
+        n_bitlinear = sum(m.packed.numel() for m in model.modules() if hasattr(m, 'row_scale'))
+        if cuda:
+            runner = Engine(model, max_len=prompt_len + new_tokens, dtype=ptdtype, compile=compile)
+            generate = lambda: runner.generate(prompt, new_tokens)
+        else:
+            generate = lambda: model.generate(prompt, new_tokens, temperature=0)
+        weight_bytes = tensor_bytes(model)
+        with torch.no_grad():
+            first = generate()   # warm-up: compilation, autotuning, graph capture
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = generate()
+            sync()
+            times.append(time.perf_counter() - t0)
+        assert torch.equal(out, first), "greedy decoding is not deterministic"
+        t = statistics.median(times)
+        peak = (torch.cuda.max_memory_allocated() - base) if cuda else None
+        row = dict(variant=variant, tok_s=new_tokens / t, ms=1000 * t / new_tokens, weight_bytes=weight_bytes, peak=peak)
+        if variant == 'packed':
+            row['bits'] = 8 * sum(m.packed.numel() + 4 * m.row_scale.numel()
+                                  for m in model.modules() if hasattr(m, 'row_scale')) / (4 * n_bitlinear) \
+                if n_bitlinear else None
+            if packed_file:
+                save_packed(model, packed_file, dtype=torch.bfloat16)
+                row['file_bytes'] = os.path.getsize(packed_file)
+        results.append(row)
+        del model, generate
+        if cuda:
+            del runner
+    bandwidth = None
+    if cuda:  # device-to-device copy, bytes read + written
+        a = torch.empty(2**30, dtype=torch.uint8, device=device)
+        b = torch.empty_like(a)
+        for _ in range(3):
+            b.copy_(a)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            b.copy_(a)
+        sync()
+        bandwidth = 2 * a.numel() * 10 / (time.perf_counter() - t0)
+        del a, b
+    _, device_name = device_peak_flops(device)
+    print(f"device: {device_name}; torch {torch.__version__}; dtype {dtype}; compile {compile}")
+    print(f"model: {n_layer} layers, {n_head} heads ({n_kv_head or n_head} kv), {n_embd} wide, MLP "
+          f"{GPTConfig(n_embd=n_embd, n_head=n_head, intermediate_size=intermediate_size).intermediate_size}, "
+          f"vocab {vocab_size}, tied {tie_embeddings}; batch 1, prompt {prompt_len}, {new_tokens} new tokens, "
+          f"median of {repeats}" + (f"; copy bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""))
+    print(f"{'variant':<8} {'tokens/s':>9} {'ms/token':>9} {'vs float':>9} {'weights':>12} {'peak mem':>12} {'of BW limit':>12}")
+    ref = results[1]['tok_s']
+    for r in results:
+        frac = f"{r['weight_bytes'] * r['tok_s'] / bandwidth * 100:.0f}%" if bandwidth else 'n/a'
+        mem = f"{r['peak'] / 2**20:,.1f} MiB" if r['peak'] is not None else 'n/a'
+        weights = f"{r['weight_bytes'] / 2**20:,.1f} MiB"
+        print(f"{r['variant']:<8} {r['tok_s']:9.1f} {r['ms']:9.3f} {r['tok_s'] / ref:8.2f}x {weights:>12} {mem:>12} {frac:>12}")
+    packed_row = results[0]
+    if packed_row.get('bits'):
+        print(f"packed BitLinear weights in memory: {packed_row['bits']:.3f} bits per weight (2-bit codes + a float32 scale per row)")
+    if packed_row.get('file_bytes'):
+        print(f"packed file {packed_file}: {packed_row['file_bytes'] / 1e9:.4f} GB")
+    if cuda:
+        bench_prefill()
+
+
+def bench_prefill(rows=512):
+    """The packed layer for M = rows (int8 tensor cores) against unpack-to-bf16-then-matmul."""
+    import triton.testing
+    from bitlinear import pack_ternary, unpack_ternary
+    from packed import packed_linear
+    inter = GPTConfig(n_embd=n_embd, n_head=n_head, intermediate_size=intermediate_size).intermediate_size
+    print(f"prefill, {rows} rows: {'shape':>14} {'packed op ms':>13} {'unpack+bf16 mm ms':>18}")
+    for out_f, in_f in ((n_embd, n_embd), (inter, n_embd), (n_embd, inter)):
+        w_t = torch.randint(-1, 2, (out_f, in_f), dtype=torch.int8, device=device)
+        packed = pack_ternary(w_t)
+        scale = torch.full((packed.size(0) * 4,), 0.02, device=device)
+        x = torch.randn(rows, in_f, device=device, dtype=torch.bfloat16)
+        empty = x.new_empty(0)
+        op = lambda: packed_linear(x, empty, packed, scale, empty, out_f, 0, 1e-5)
+        ref = lambda: x @ (unpack_ternary(packed, out_f).to(torch.bfloat16) * 0.02).t()
+        t_op = triton.testing.do_bench(op, return_mode='median')
+        t_ref = triton.testing.do_bench(ref, return_mode='median')
+        print(f"{'':>24}{f'{out_f}x{in_f}':>14} {t_op:13.3f} {t_ref:18.3f}")
+
+
+if mode == 'train':
+    bench_train()
+else:
+    bench_decode()

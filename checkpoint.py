@@ -1,7 +1,7 @@
 """
 Checkpoint files (ckpt.pt), shared by train.py and sample.py.
 
-A checkpoint is a dict: 'model' (the raw state dict, Hugging Face names, no '_orig_mod.' or
+A training checkpoint is a dict: 'model' (the raw state dict, Hugging Face names, no '_orig_mod.' or
 'module.' prefixes), 'model_args' (GPTConfig fields), 'optimizer', 'scaler', 'iter_num',
 'best_val_loss', 'best_iter', 'config' (every train.py setting) and 'tokenizer' (the meta data
 of the dataset, so a checkpoint decodes its own samples). It holds no RNG state because
@@ -43,13 +43,18 @@ def load_checkpoint(path, map_location='cpu'):
     except Exception as e:
         raise CheckpointError(f"{path} is damaged or not a checkpoint ({type(e).__name__}); "
                               f"retrain, or restore it from a copy") from None
-    if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'model_args' not in checkpoint:
-        raise CheckpointError(f"{path} is not a checkpoint of this repo (no 'model' and 'model_args')")
+    if not isinstance(checkpoint, dict) or 'model_args' not in checkpoint or \
+            ('model' not in checkpoint and 'packed' not in checkpoint):
+        raise CheckpointError(f"{path} is not a checkpoint of this repo (no 'model_args' and weights)")
     return checkpoint
 
 
 def model_from_checkpoint(checkpoint, path='checkpoint', **overrides):
-    """Rebuild the GPT of a checkpoint (overrides change settings such as dropout)."""
+    """Rebuild the GPT of a checkpoint (overrides change settings such as dropout); a packed
+    checkpoint (pack.py) comes back in its packed form."""
+    if 'packed' in checkpoint:
+        from packed import load_packed
+        return load_packed(checkpoint, path)
     try:
         model = GPT(GPTConfig(**{**checkpoint['model_args'], **overrides}))
         model.load_state_dict(checkpoint['model'])

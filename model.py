@@ -83,14 +83,61 @@ def apply_rotary(x, cos, sin):
 
 class KVCache:
     """Keys and values of every layer, preallocated: (n_layer, B, n_kv_head, max_len, head_dim).
-    pos counts the positions already written."""
+    pos (a Python int) counts the positions already written; generate() uses this one."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         head_dim = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
         self.pos = 0
+
+    def rope(self, cos, sin, T):
+        """The rotary tables of the T positions about to be written."""
+        return cos[self.pos:self.pos + T], sin[self.pos:self.pos + T]
+
+    def update(self, layer_idx, k, v):
+        """Write k, v (B, nkv, T, hs) at positions pos .. pos + T - 1 and return what the new
+        queries attend to: (keys, values, attn_mask, is_causal)."""
+        T, pos = k.size(2), self.pos
+        self.k[layer_idx, :, :, pos:pos + T] = k
+        self.v[layer_idx, :, :, pos:pos + T] = v
+        k, v = self.k[layer_idx, :, :, :pos + T], self.v[layer_idx, :, :, :pos + T]
+        if T == 1:
+            return k, v, None, False  # one new query sees every cached key
+        if pos == 0:
+            return k, v, None, True
+        # a chunk after a prefix: query i sees keys 0 .. pos + i
+        return k, v, torch.ones(T, pos + T, dtype=torch.bool, device=k.device).tril(diagonal=pos), False
+
+    def advance(self, T):
+        self.pos += T
+
+
+class StaticKVCache(KVCache):
+    """The same cache with its position in a device tensor and attention over the whole buffer
+    under a mask: no shape or Python value changes from one token to the next, so a decoding
+    step can be captured once in a CUDA graph and replayed (engine.py)."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        super().__init__(config, batch_size, max_len, device, dtype)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.arange = torch.arange(max_len, device=device)
+
+    def rope(self, cos, sin, T):
+        positions = self.pos + self.arange[:T]
+        return cos[positions], sin[positions]
+
+    def update(self, layer_idx, k, v):
+        positions = self.pos + self.arange[:k.size(2)]                  # (T,)
+        self.k[layer_idx].index_copy_(2, positions, k.to(self.k.dtype))
+        self.v[layer_idx].index_copy_(2, positions, v.to(self.v.dtype))
+        mask = self.arange[None, :] <= positions[:, None]                # (T, max_len)
+        return self.k[layer_idx], self.v[layer_idx], mask, False
+
+    def advance(self, T):
+        self.pos.add_(T)
 
 
 class Attention(nn.Module):
@@ -110,29 +157,25 @@ class Attention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x, cos, sin, kv_cache=None):
-        B, T, C = x.size()
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        y = self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, kv_cache)
+        return self.o_proj(self.attn_sub_norm(y))
+
+    def attend(self, q, k, v, cos, sin, kv_cache=None):
+        """Projected q (B, T, n_embd), k, v (B, T, kv_dim) -> attention output (B, T, n_embd),
+        before attn_sub_norm and o_proj (the packed model shares this part)."""
+        B, T, C = q.size()
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         mask, causal = None, True
         if kv_cache is not None:
-            pos = kv_cache.pos
-            kv_cache.k[self.layer_idx, :, :, pos:pos + T] = k
-            kv_cache.v[self.layer_idx, :, :, pos:pos + T] = v
-            k = kv_cache.k[self.layer_idx, :, :, :pos + T]
-            v = kv_cache.v[self.layer_idx, :, :, :pos + T]
-            if T == 1:
-                causal = False  # one new query sees every cached key
-            elif pos > 0:       # a chunk after a prefix: query i sees keys 0 .. pos + i
-                causal = False
-                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            k, v, mask, causal = kv_cache.update(self.layer_idx, k, v)
         y = F.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.o_proj(self.attn_sub_norm(y))
+        return y.transpose(1, 2).contiguous().view(B, T, C)
 
 
 class MLP(nn.Module):
@@ -212,16 +255,18 @@ class GPT(nn.Module):
         With a kv_cache, idx holds the positions kv_cache.pos .. pos + T - 1, which are written
         into the cache; without targets only the last position's logits are computed."""
         B, T = idx.size()
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if kv_cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            cos, sin = kv_cache.rope(self.rope_cos, self.rope_sin, T)
         x = self.drop(self.model.embed_tokens(idx))                      # (B, T, n_embd)
         for block in self.model.layers:
             x = block(x, cos, sin, kv_cache)
         x = self.model.norm(x)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(T)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None                     # (B, 1, vocab)
         logits = self.lm_head(x)
@@ -244,16 +289,7 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, -block_size:], kv_cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], kv_cache=cache)
-            logits = logits[:, -1, :].float()
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float('inf')
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
+            idx = torch.cat((idx, sample(logits[:, -1, :], temperature, top_k)), dim=1)
         return idx
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -278,6 +314,18 @@ class GPT(nn.Module):
         if not peak_flops:
             return None
         return self.flops_per_token(seq_len) * tokens_per_iter / dt / peak_flops
+
+
+def sample(logits, temperature=0.0, top_k=None):
+    """logits (B, vocab) -> next tokens (B, 1): greedy at temperature 0, else sampled from the
+    top_k most likely (all when top_k is None) at that temperature."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], -float('inf'))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
 
 
 # dense bf16 tensor-core peaks from the vendors' datasheets, FLOP/s (no sparsity)

@@ -1,0 +1,145 @@
+"""
+CUDA implementation of torch.ops.bitnet.packed_linear (packed.py), registered for the op when
+this module is imported (packed.py does so when a GPU and Triton are there).
+
+Decode (M <= 16 rows): one Triton kernel does the whole layer for each row of x:
+  1. RMSNorm of the row (optional) and its absmax: every program reads the full input row,
+     which is at most a few KB and sits in L2, so no separate kernel or global sync is needed;
+  2. the int8 activations times the 2-bit weights: each program owns BLOCK_R packed rows, i.e.
+     4 * BLOCK_R outputs (rows r, r + R, r + 2R, r + 3R), streams their bytes along K once,
+     and accumulates exact integer sums in float32;
+  3. the epilogue: rescale by row_scale / s_x, then add the residual or apply relu(gate)^2 * up.
+The weight bytes are read exactly once per row of x, which is what bounds decode speed.
+
+Prefill (M > 16): the weights are unpacked to int8 once per call and multiplied on the int8
+tensor cores (torch._int_mm, int32 accumulation, exact), then rescaled; bench.py compares it
+with unpacking to bfloat16 and a bfloat16 matmul.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from packed import float_matmul, packed_linear, packed_linear_reference
+
+
+@triton.jit
+def _load_input(x_row, norm_ptr, kk, K, rstd,
+                HAS_NORM: tl.constexpr, X_LOWP: tl.constexpr, NORM_LOWP: tl.constexpr):
+    """x[kk] in float32, RMS-normalized the way bitlinear.RMSNorm rounds it."""
+    xk = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        xk = xk * rstd
+        if X_LOWP:  # F.rms_norm(x.float()).to(x.dtype)
+            xk = xk.to(x_row.dtype.element_ty).to(tl.float32)
+        xk = xk * tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        if NORM_LOWP:  # weight * normed, both bfloat16 / float16
+            xk = xk.to(x_row.dtype.element_ty).to(tl.float32)
+    return xk
+
+
+@triton.jit
+def _store_rows(y, y_ptr, res_ptr, m, rows, mask, N, EPILOGUE: tl.constexpr):
+    if EPILOGUE == 1:
+        y = y + tl.load(res_ptr + m * N + rows, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * N + rows, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(
+    configs=[
+        triton.Config({'BLOCK_R': 2, 'BLOCK_K': 512}, num_warps=4),
+        triton.Config({'BLOCK_R': 4, 'BLOCK_K': 256}, num_warps=4),
+        triton.Config({'BLOCK_R': 4, 'BLOCK_K': 512}, num_warps=4),
+        triton.Config({'BLOCK_R': 8, 'BLOCK_K': 256}, num_warps=4),
+        triton.Config({'BLOCK_R': 8, 'BLOCK_K': 128}, num_warps=2),
+        triton.Config({'BLOCK_R': 16, 'BLOCK_K': 128}, num_warps=4),
+    ],
+    key=['R', 'K'],
+)
+@triton.jit
+def packed_gemv_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
+                       K, R, N, eps,
+                       HAS_NORM: tl.constexpr, X_LOWP: tl.constexpr, NORM_LOWP: tl.constexpr,
+                       EPILOGUE: tl.constexpr, BLOCK_X: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    x_row = x_ptr + m * K
+    offs_x = tl.arange(0, BLOCK_X)
+
+    # 1. RMSNorm statistics and the activation scale, over the whole row
+    rstd = 1.0
+    if HAS_NORM:
+        ss = tl.zeros([BLOCK_X], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_X):
+            xk = tl.load(x_row + k0 + offs_x, mask=k0 + offs_x < K, other=0.0).to(tl.float32)
+            ss += xk * xk
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+    amax = tl.zeros([BLOCK_X], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_X):
+        xk = _load_input(x_row, norm_ptr, k0 + offs_x, K, rstd, HAS_NORM, X_LOWP, NORM_LOWP)
+        amax = tl.maximum(amax, tl.abs(xk))
+    s_x = 127.0 / tl.maximum(tl.max(amax, axis=0), 1e-5)
+
+    # 2. int8 activations times 2-bit weights: exact integer sums in float32
+    offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc0 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        xk = _load_input(x_row, norm_ptr, kk, K, rstd, HAS_NORM, X_LOWP, NORM_LOWP)
+        xq = tl.minimum(tl.maximum(libdevice.rint(xk * s_x), -128.0), 127.0)[None, :]
+        p = tl.load(w_ptr + offs_r[:, None] * K + kk[None, :],
+                    mask=(offs_r[:, None] < R) & (kk[None, :] < K), other=0).to(tl.int32)
+        acc0 += ((p & 3) - 1).to(tl.float32) * xq          # rows r
+        acc1 += (((p >> 2) & 3) - 1).to(tl.float32) * xq   # rows r + R
+        acc2 += (((p >> 4) & 3) - 1).to(tl.float32) * xq   # rows r + 2R
+        acc3 += (((p >> 6) & 3) - 1).to(tl.float32) * xq   # rows r + 3R
+
+    # 3. rescale (row_scale / s_x, the order the training form uses) and the epilogue
+    rmask = offs_r < R
+    y0 = tl.sum(acc0, axis=1) * (tl.load(scale_ptr + offs_r, mask=rmask, other=0.0) / s_x)
+    y1 = tl.sum(acc1, axis=1) * (tl.load(scale_ptr + offs_r + R, mask=rmask, other=0.0) / s_x)
+    y2 = tl.sum(acc2, axis=1) * (tl.load(scale_ptr + offs_r + 2 * R, mask=rmask, other=0.0) / s_x)
+    y3 = tl.sum(acc3, axis=1) * (tl.load(scale_ptr + offs_r + 3 * R, mask=rmask, other=0.0) / s_x)
+    if EPILOGUE == 2:  # fused [gate; up], N = 2R: relu(gate)^2 * up for outputs r and r + R
+        g0 = tl.maximum(y0, 0.0)
+        g1 = tl.maximum(y1, 0.0)
+        _store_rows(g0 * g0 * y2, y_ptr, res_ptr, m, offs_r, rmask, N, 0)
+        _store_rows(g1 * g1 * y3, y_ptr, res_ptr, m, offs_r + R, rmask, N, 0)
+    else:
+        _store_rows(y0, y_ptr, res_ptr, m, offs_r, rmask & (offs_r < N), N, EPILOGUE)
+        _store_rows(y1, y_ptr, res_ptr, m, offs_r + R, rmask & (offs_r + R < N), N, EPILOGUE)
+        _store_rows(y2, y_ptr, res_ptr, m, offs_r + 2 * R, rmask & (offs_r + 2 * R < N), N, EPILOGUE)
+        _store_rows(y3, y_ptr, res_ptr, m, offs_r + 3 * R, rmask & (offs_r + 3 * R < N), N, EPILOGUE)
+
+
+def int8_matmul(x_int, w_t):
+    """int8 (M, K) x int8 (N, K) -> float32 (M, N) on the int8 tensor cores (exact int32 sums)."""
+    if x_int.size(1) % 8 == 0 and w_t.size(0) % 8 == 0:
+        return torch._int_mm(x_int, w_t.t()).float()
+    return float_matmul(x_int, w_t)
+
+
+@packed_linear.register_kernel('cuda')
+def packed_linear_cuda(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps):
+    M, K = x.shape
+    if M > 16:
+        return packed_linear_reference(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps,
+                                       matmul=int8_matmul)
+    x = x.contiguous()
+    R = packed.size(0)
+    y = torch.empty(M, out_features, device=x.device, dtype=x.dtype)
+    has_norm = norm_weight.numel() > 0
+    lowp = x.dtype in (torch.bfloat16, torch.float16)
+    grid = lambda meta: (triton.cdiv(R, meta['BLOCK_R']), M)
+    packed_gemv_kernel[grid](
+        x, norm_weight if has_norm else x, packed, row_scale, residual.contiguous() if epilogue == 1 else y, y,
+        K, R, out_features, eps,
+        HAS_NORM=has_norm, X_LOWP=lowp, NORM_LOWP=lowp and has_norm and norm_weight.dtype == x.dtype,
+        EPILOGUE=epilogue, BLOCK_X=1024)
+    return y

@@ -1,0 +1,310 @@
+"""
+Packed ternary inference: the BitLinear weights held as 2-bit values, 4 per byte, and nothing
+else of them (the latent float weights are dropped).
+
+    y = (x_int @ W_t^T) * (s_w / s_x)        bitlinear.py's equation, from stored integers
+
+In memory, the projections of a block that read the same input are fused into one matrix:
+q, k, v (input_layernorm) and gate, up (post_attention_layernorm); o and down stay alone. Each
+fused matrix is packed with the Hugging Face block-strided layout (bitlinear.pack_ternary):
+packed row r holds rows r, r + R, r + 2R, r + 3R. For [gate; up] (out = 2I, R = I / 2) one
+packed row therefore holds gate[r], gate[r + R], up[r], up[r + R], so a kernel can apply
+relu(gate)^2 * up without leaving its registers. Every packed linear also applies the RMSNorm
+that precedes it and quantizes the activations itself, and o and down add the residual:
+
+    qkv     = PackedLinear(input_layernorm)             -> rope, attention, attn_sub_norm ...
+    x       = x + PackedLinear(attn_sub_norm)(attn)     (epilogue 'residual')
+    h       = PackedLinear(post_attention_layernorm)(x) (epilogue 'relu2': relu(gate)^2 * up)
+    x       = x + PackedLinear(ffn_sub_norm)(h)         (epilogue 'residual')
+
+One scale per output row (s_w of the projection the row came from) keeps fused rows exact.
+On disk (save_packed) every projection is stored on its own in the Hugging Face offline
+format: `weight` uint8 (ceil(out / 4), in) and `weight_scale` (1,) = s_w.
+
+The arithmetic lives in one custom op, torch.ops.bitnet.packed_linear: a pure-PyTorch
+implementation that runs everywhere (unpack, exact integer product, rescale) and, on CUDA, a
+Triton kernel (kernels.py) registered for it, which torch.compile and CUDA graphs treat as one call.
+"""
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bitlinear import BitLinear, pack_ternary, quantize_activation, quantize_weight, unpack_2bit, unpack_ternary
+from model import GPT, GPTConfig, rotary_tables
+
+EPILOGUES = {'none': 0, 'residual': 1, 'relu2': 2}
+PACKED_FORMAT = 'bitnet-packed-v1'
+_reference_path = False  # set by verify_packed: run every layer through packed_linear_reference
+
+
+def float_matmul(x_int, w_t):
+    """int8 (M, K) x int8 (N, K) -> (M, N) float32 holding the exact integer sums."""
+    return F.linear(x_int.float(), w_t.float())
+
+
+def packed_linear_reference(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps,
+                            matmul=float_matmul):
+    """x (M, K) -> (M, out) in x's dtype. norm_weight (K,): the RMSNorm applied first, as
+    bitlinear.RMSNorm computes it (empty: no norm). packed (R, K) uint8, row_scale (4R,) float32.
+    epilogue 0: y; 1: y + residual (M, out); 2: relu(y[:, :out])^2 * y[:, out:2 out] ([gate; up])."""
+    dtype = x.dtype
+    if norm_weight.numel():
+        x = norm_weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(dtype)
+    x_int, s_x = quantize_activation(x)                                  # int8, (M, 1)
+    w_t = unpack_ternary(packed, 4 * packed.size(0))                     # (4R, K) int8
+    y = matmul(x_int, w_t) * (row_scale / s_x)                           # exact integers, rescaled
+    if epilogue == 2:
+        y = F.relu(y[:, :out_features]).square() * y[:, out_features:2 * out_features]
+    else:
+        y = y[:, :out_features]
+    if epilogue == 1:
+        y = y + residual
+    return y.to(dtype)
+
+
+@torch.library.custom_op('bitnet::packed_linear', mutates_args=())
+def packed_linear(x: torch.Tensor, norm_weight: torch.Tensor, packed: torch.Tensor, row_scale: torch.Tensor,
+                  residual: torch.Tensor, out_features: int, epilogue: int, eps: float) -> torch.Tensor:
+    """The packed layer as one op (see packed_linear_reference); CUDA has its own kernel."""
+    return packed_linear_reference(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps)
+
+
+@packed_linear.register_fake
+def _(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps):
+    return x.new_empty(x.size(0), out_features)
+
+
+class PackedLinear(nn.Module):
+    """Ternary projections that read one input, fused and packed (see the module docstring).
+    weights: [(W_t int8 (out_i, in), s_w)], concatenated along the output in this order.
+    Holds only the packed bytes and one scale per row; the norm comes with each call."""
+
+    def __init__(self, weights, epilogue='none'):
+        super().__init__()
+        w_t = torch.cat([w for w, _ in weights])
+        self.out_sizes = [w.size(0) for w, _ in weights]
+        self.in_features = w_t.size(1)
+        self.epilogue = EPILOGUES[epilogue]
+        self.out_features = w_t.size(0) // 2 if epilogue == 'relu2' else w_t.size(0)
+        if epilogue == 'relu2' and (len(weights) != 2 or self.out_sizes[0] != self.out_sizes[1] or w_t.size(0) % 4):
+            raise ValueError("relu2 fuses [gate; up] of equal size, with 2 * size divisible by 4")
+        self.register_buffer('packed', pack_ternary(w_t))                         # (R, in) uint8
+        scale = torch.zeros(4 * self.packed.size(0), device=w_t.device)
+        scale[:w_t.size(0)] = torch.cat([s.float().expand(w.size(0)) for w, s in weights])
+        self.register_buffer('row_scale', scale)                                   # (4R,) float32
+
+    def forward(self, x, norm=None, residual=None):
+        shape = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        norm_weight = norm.weight if norm is not None else x.new_empty(0)
+        eps = norm.eps if norm is not None else 0.0
+        res = residual.reshape(-1, self.out_features) if residual is not None else x.new_empty(0)
+        op = packed_linear_reference if _reference_path else torch.ops.bitnet.packed_linear
+        y = op(x, norm_weight, self.packed, self.row_scale, res, self.out_features, self.epilogue, eps)
+        return y.view(*shape, self.out_features)
+
+    def ternary_weights(self):
+        """[(W_t int8 (out_i, in), s_w)] back from the packed bytes, one per fused projection."""
+        w_t = unpack_ternary(self.packed, sum(self.out_sizes))
+        out, start = [], 0
+        for n in self.out_sizes:
+            out.append((w_t[start:start + n], self.row_scale[start:start + 1].clone()))
+            start += n
+        return out
+
+
+PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
+
+
+class PackedBlock(nn.Module):
+    """A transformer block with packed ternary projections; the same interface as model.Block,
+    and the same names for everything it keeps (norms), so its state dict reads like one."""
+
+    def __init__(self, block, weights):
+        """block: a model.Block, whose norms and attention core are kept and whose projections
+        are dropped; weights: {'q_proj': (W_t, s_w), ...} for its seven projections."""
+        super().__init__()
+        self.input_layernorm = block.input_layernorm
+        self.post_attention_layernorm = block.post_attention_layernorm
+        self.self_attn, self.mlp = block.self_attn, block.mlp   # keep attn_sub_norm, ffn_sub_norm, attend()
+        for name in PROJECTIONS:
+            delattr(self.self_attn if name in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else self.mlp, name)
+        self.qkv = PackedLinear([weights['q_proj'], weights['k_proj'], weights['v_proj']])
+        self.o = PackedLinear([weights['o_proj']], 'residual')
+        self.gate_up = PackedLinear([weights['gate_proj'], weights['up_proj']], 'relu2')
+        self.down = PackedLinear([weights['down_proj']], 'residual')
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        q, k, v = self.qkv(x, self.input_layernorm).split(self.qkv.out_sizes, dim=-1)
+        y = self.self_attn.attend(q, k, v, cos, sin, kv_cache)
+        x = self.o(y, self.self_attn.attn_sub_norm, residual=x)
+        h = self.gate_up(x, self.post_attention_layernorm)
+        return self.down(h, self.mlp.ffn_sub_norm, residual=x)
+
+    def ternary_weights(self):
+        pairs = self.qkv.ternary_weights() + self.o.ternary_weights() + self.gate_up.ternary_weights() \
+            + self.down.ternary_weights()
+        return dict(zip(PROJECTIONS, pairs))
+
+
+def projection_name(i, proj):
+    parent = 'self_attn' if proj in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'
+    return f'model.layers.{i}.{parent}.{proj}'
+
+
+@torch.no_grad()
+def pack_model(model, weights=None):
+    """Turn a b1.58 GPT into its packed form, in place, and return it. weights: optional
+    [{'q_proj': (W_t, s_w), ...} per layer] (from a packed file); by default every BitLinear's
+    latent weight is quantized. The latent weights are released."""
+    if model.config.quant != 'b1.58':
+        raise ValueError(f"only b1.58 models pack into ternary weights (this one is quant='{model.config.quant}')")
+    for i, block in enumerate(model.model.layers):
+        if isinstance(block, PackedBlock):
+            continue
+        if weights is not None:
+            w = weights[i]
+        else:
+            w = {}
+            for name in PROJECTIONS:
+                layer = block.get_submodule(projection_name(0, name).split('.', 3)[3])
+                assert isinstance(layer, BitLinear)
+                w[name] = quantize_weight(layer.weight)
+        model.model.layers[i] = PackedBlock(block, w)
+    model.packed = True
+    return model
+
+
+def is_packed(model):
+    return getattr(model, 'packed', False)
+
+
+def packed_state_dict(model):
+    """A packed model as a flat dict in the Hugging Face offline layout: for every projection
+    `<name>.weight` uint8 (ceil(out / 4), in) and `<name>.weight_scale` (1,) float32; every other
+    tensor (embedding, norms, lm_head) under its usual name."""
+    out = {k: v for k, v in model.state_dict().items() if not k.endswith(('.packed', '.row_scale'))}
+    for i, block in enumerate(model.model.layers):
+        for proj, (w_t, s_w) in block.ternary_weights().items():
+            out[f'{projection_name(i, proj)}.weight'] = pack_ternary(w_t)
+            out[f'{projection_name(i, proj)}.weight_scale'] = s_w.reshape(1).float()
+    if model.config.tie_embeddings:
+        out.pop('lm_head.weight', None)  # the same tensor as model.embed_tokens.weight
+    return out
+
+
+def save_packed(model, path, tokenizer=None, dtype=None):
+    """Write a packed model to path (atomically): the packed state dict, model_args, tokenizer.
+    dtype converts the full-precision tensors (embedding, norms, lm_head), e.g. torch.bfloat16."""
+    from checkpoint import save_checkpoint
+    state = packed_state_dict(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() and not k.endswith('weight_scale') else v
+                 for k, v in state.items()}
+    model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
+    save_checkpoint(dict(format=PACKED_FORMAT, packed=state, model_args=model_args, tokenizer=tokenizer), path)
+
+
+def check_packed_state(state, config):
+    """Structural problems of a packed state dict (missing projections, wrong dtypes). The values
+    themselves (codes, scales) are checked by verify_packed, which reports FAIL instead."""
+    problems = []
+    for i in range(config.n_layer):
+        for proj in PROJECTIONS:
+            name = projection_name(i, proj)
+            packed, scale = state.get(f'{name}.weight'), state.get(f'{name}.weight_scale')
+            if packed is None or scale is None:
+                problems.append(f'{name} is missing')
+            elif packed.dtype != torch.uint8:
+                problems.append(f'{name}.weight is {packed.dtype}, not uint8')
+            elif scale.numel() != 1:
+                problems.append(f'{name}.weight_scale has {scale.numel()} values, not 1')
+    return problems
+
+
+@torch.no_grad()
+def verify_packed(model, idx, rtol=1e-5):
+    """The packed counterpart of bitlinear.verify_bitlinear:
+    1. every packed code is 0, 1 or 2 (-1, 0, +1; code 3 is invalid), every scale finite > 0;
+    2. the model's logits on idx (through torch.ops.bitnet.packed_linear: the Triton kernel on
+       CUDA) equal the logits with every layer through packed_linear_reference (unpack, exact
+       integer product, rescale), within rtol * max|logits|."""
+    global _reference_path
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, PackedLinear):
+            n_rows = sum(m.out_sizes)
+            codes = unpack_2bit(m.packed, n_rows)
+            scale = m.row_scale[:n_rows]
+            ok = not (codes == 3).any().item() and bool(torch.isfinite(scale).all()) and bool((scale > 0).all())
+            rows.append(dict(name=name, numel=codes.numel(), zero_fraction=(codes == 1).float().mean().item(),
+                             n_projections=len(m.out_sizes), bytes=m.packed.numel(), ok=ok))
+    logits = model(idx)[0]
+    _reference_path = True
+    try:
+        logits_ref = model(idx)[0]
+    finally:
+        _reference_path = False
+    max_diff = (logits.float() - logits_ref.float()).abs().max().item()
+    tol = rtol * max(1.0, logits_ref.abs().max().item())
+    n_weights = sum(r['numel'] for r in rows)
+    return dict(
+        rows=rows,
+        n_layers=sum(r['n_projections'] for r in rows),
+        n_weights=n_weights,
+        zero_fraction=sum(r['zero_fraction'] * r['numel'] for r in rows) / max(n_weights, 1),
+        packed_bits=8 * sum(r['bytes'] for r in rows) / max(n_weights, 1),
+        max_diff=max_diff,
+        tol=tol,
+        ok=all(r['ok'] for r in rows) and max_diff <= tol,
+    )
+
+
+def load_packed(checkpoint, path='packed checkpoint'):
+    """A packed GPT (on the CPU) from a checkpoint dict written by save_packed. The model is
+    built on the meta device first, so no latent weights are ever allocated."""
+    from checkpoint import CheckpointError
+    config = GPTConfig(**{**checkpoint['model_args'], 'dropout': 0.0})
+    state = checkpoint['packed']
+    problems = check_packed_state(state, config)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{path} is damaged: {problems[0]}{more}")
+    with torch.device('meta'):
+        model = GPT(config)
+    weights = []
+    for i, block in enumerate(model.model.layers):
+        w = {}
+        for proj in PROJECTIONS:
+            layer, name = block.get_submodule(projection_name(0, proj).split('.', 3)[3]), projection_name(i, proj)
+            expected = (-(-layer.out_features // 4), layer.in_features)
+            if tuple(state[f'{name}.weight'].shape) != expected:
+                raise CheckpointError(f"{path}: {name}.weight has shape {tuple(state[f'{name}.weight'].shape)}, "
+                                      f"the model needs {expected}")
+            w[proj] = (unpack_ternary(state[f'{name}.weight'], layer.out_features),
+                       state[f'{name}.weight_scale'].float().reshape(()))
+        weights.append(w)
+    pack_model(model, weights)
+    rest = {k: v for k, v in state.items() if not k.endswith(('_proj.weight', '_proj.weight_scale'))}
+    try:
+        model.load_state_dict(rest, strict=False, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match its model: {str(e).splitlines()[0]}") from None
+    if config.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rope_cos, model.rope_sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{path} is missing {left[0]}")
+    return model
+
+
+# the CUDA kernel registers itself for the op where Triton and a GPU are there
+if torch.cuda.is_available():
+    try:
+        import kernels  # noqa: F401
+    except ImportError:
+        pass
