@@ -268,7 +268,7 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None                     # (B, 1, vocab)
+            return self.lm_head(x[:, -1:, :]), None                      # (B, 1, vocab)
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
@@ -291,6 +291,12 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, -1:], kv_cache=cache)
             idx = torch.cat((idx, sample(logits[:, -1, :], temperature, top_k)), dim=1)
         return idx
+
+    def pack(self):
+        """Convert this b1.58 model, in place, into its packed inference form: 2-bit ternary
+        weights and fused kernels, no latent float weights (packed.py). Returns self."""
+        from packed import pack_model
+        return pack_model(self)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW; weight decay on the 2-D weights only (matrices, embedding), none on norms.

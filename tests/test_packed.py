@@ -26,7 +26,7 @@ def test_packed_model_equals_training_form(kw):
     with torch.no_grad():
         ref, _ = model(idx, idx)
         greedy = model.generate(idx[:, :4], 40, temperature=0)
-        pack_model(model)
+        assert model.pack() is model
         out, _ = model(idx, idx)
         assert torch.equal(model.generate(idx[:, :4], 40, temperature=0), greedy)
     assert is_packed(model)
