@@ -74,8 +74,9 @@ def test_packed_model_logits_on_cuda_equal_training_form():
     assert report['ok'], report['max_diff']
 
 
+@pytest.mark.parametrize('compile', [True, False])
 @pytest.mark.parametrize('packed', [False, True])
-def test_engine_greedy_equals_generate(packed):
+def test_engine_greedy_equals_generate(packed, compile):
     from engine import Engine
     from packed import pack_model
     model = tiny_gpt('b1.58' if packed else 'none').cuda()
@@ -84,7 +85,7 @@ def test_engine_greedy_equals_generate(packed):
     prompt = torch.randint(80, (1, 7), device='cuda')
     with torch.no_grad():
         expected = model.generate(prompt, 100, temperature=0)
-    engine = Engine(model, max_len=107, dtype=torch.float32)
+    engine = Engine(model, max_len=107, dtype=torch.float32, compile=compile)
     assert torch.equal(engine.generate(prompt, 100), expected)
     assert torch.equal(engine.generate(prompt, 100), expected)   # replaying the captured graph again
 
