@@ -18,6 +18,9 @@ import torch
 
 from model import StaticKVCache, sample
 
+if torch.cuda.is_available():
+    import kernels  # noqa: F401  (registers the CUDA kernels of the decode ops)
+
 
 class Engine:
 

@@ -11,6 +11,10 @@ Decode (M <= 16 rows): one Triton kernel does the whole layer for each row of x:
   3. the epilogue: rescale by row_scale / s_x, then add the residual or apply relu(gate)^2 * up.
 The weight bytes are read exactly once per row of x, which is what bounds decode speed.
 
+Decode attention (torch.ops.bitnet.decode_attention, model.py): one program per (kv head,
+sequence) streams the cached keys and values of positions 0 .. pos once, for all the query
+heads that share them (grouped-query attention), with an online softmax.
+
 Prefill (M > 16): the weights are unpacked to int8 once per call and multiplied on the int8
 tensor cores (torch._int_mm, int32 accumulation, exact), then rescaled; bench.py compares it
 with unpacking to bfloat16 and a bfloat16 matmul.
@@ -21,6 +25,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from model import decode_attention, decode_attention_reference
 from packed import float_matmul, packed_linear, packed_linear_reference
 
 
@@ -143,3 +148,63 @@ def packed_linear_cuda(x, norm_weight, packed, row_scale, residual, out_features
         HAS_NORM=has_norm, X_LOWP=lowp, NORM_LOWP=lowp and has_norm and norm_weight.dtype == x.dtype,
         EPILOGUE=epilogue, BLOCK_X=1024)
     return y
+
+
+@triton.jit
+def decode_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, scale,
+                            stride_kb, stride_kh, stride_kl,
+                            NH: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
+                            BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    kvh = tl.program_id(0)
+    b = tl.program_id(1)
+    pos = tl.load(pos_ptr)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HD)
+    gmask = offs_g < G
+    q_rows = q_ptr + b * NH * HD + (kvh * G + offs_g)[:, None] * HD + offs_d[None, :]
+    q = tl.load(q_rows, mask=gmask[:, None], other=0.0)                       # (BLOCK_G, HD)
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b * stride_kb + kvh * stride_kh
+    m_i = tl.full([BLOCK_G], float('-inf'), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, HD], dtype=tl.float32)
+    for n0 in range(0, pos + 1, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n <= pos
+        kv_off = offs_n[:, None] * stride_kl + offs_d[None, :]
+        k = tl.load(k_base + kv_off, mask=nmask[:, None], other=0.0)          # (BLOCK_N, HD)
+        v = tl.load(v_base + kv_off, mask=nmask[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision='ieee')
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(nmask[None, :], s * scale, float('-inf'))               # (BLOCK_G, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision='ieee')
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    o_rows = o_ptr + b * NH * HD + (kvh * G + offs_g)[:, None] * HD + offs_d[None, :]
+    tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=gmask[:, None])
+
+
+@decode_attention.register_kernel('cuda')
+def decode_attention_cuda(q, k_cache, v_cache, pos):
+    B, NH, HD = q.shape
+    NKV = k_cache.size(1)
+    if HD & (HD - 1) or HD < 16 or k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride():
+        return decode_attention_reference(q, k_cache, v_cache, pos)
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    G = NH // NKV
+    decode_attention_kernel[(NKV, B)](
+        q, k_cache, v_cache, out, pos, HD ** -0.5,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NH=NH, G=G, HD=HD, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=64,
+        IEEE=q.dtype == torch.float32, num_warps=4)
+    return out

@@ -81,6 +81,26 @@ def apply_rotary(x, cos, sin):
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+def decode_attention_reference(q, k_cache, v_cache, pos):
+    """One new query per sequence: q (B, nh, hs) at position pos attends to the cached keys and
+    values (B, nkv, max_len, hs) at positions 0 .. pos -> (B, nh, hs)."""
+    mask = (torch.arange(k_cache.size(2), device=q.device) <= pos)[None, :]   # (1, max_len)
+    y = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=mask,
+                                       enable_gqa=q.size(1) != k_cache.size(1))
+    return y[:, :, 0].contiguous()
+
+
+@torch.library.custom_op('bitnet::decode_attention', mutates_args=())
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """decode_attention_reference as one op, so that CUDA can register a kernel (kernels.py)."""
+    return decode_attention_reference(q, k_cache, v_cache, pos)
+
+
+@decode_attention.register_fake
+def _(q, k_cache, v_cache, pos):
+    return torch.empty_like(q)
+
+
 class KVCache:
     """Keys and values of every layer, preallocated: (n_layer, B, n_kv_head, max_len, head_dim).
     pos (a Python int) counts the positions already written; generate() uses this one."""
@@ -97,19 +117,18 @@ class KVCache:
         """The rotary tables of the T positions about to be written."""
         return cos[self.pos:self.pos + T], sin[self.pos:self.pos + T]
 
-    def update(self, layer_idx, k, v):
-        """Write k, v (B, nkv, T, hs) at positions pos .. pos + T - 1 and return what the new
-        queries attend to: (keys, values, attn_mask, is_causal)."""
+    def attend(self, layer_idx, q, k, v):
+        """Write k, v (B, nkv, T, hs) at positions pos .. pos + T - 1, then attend from q
+        (B, nh, T, hs) to every position up to each query's own -> (B, nh, T, hs)."""
         T, pos = k.size(2), self.pos
         self.k[layer_idx, :, :, pos:pos + T] = k
         self.v[layer_idx, :, :, pos:pos + T] = v
-        k, v = self.k[layer_idx, :, :, :pos + T], self.v[layer_idx, :, :, :pos + T]
-        if T == 1:
-            return k, v, None, False  # one new query sees every cached key
-        if pos == 0:
-            return k, v, None, True
-        # a chunk after a prefix: query i sees keys 0 .. pos + i
-        return k, v, torch.ones(T, pos + T, dtype=torch.bool, device=k.device).tril(diagonal=pos), False
+        k, v = self.k[layer_idx, :, :, :pos + T].to(q.dtype), self.v[layer_idx, :, :, :pos + T].to(q.dtype)
+        mask = None
+        if T > 1 and pos > 0:  # a chunk after a prefix: query i sees keys 0 .. pos + i
+            mask = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(diagonal=pos)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and pos == 0,
+                                              enable_gqa=q.size(1) != k.size(1))
 
     def advance(self, T):
         self.pos += T
@@ -129,12 +148,17 @@ class StaticKVCache(KVCache):
         positions = self.pos + self.arange[:T]
         return cos[positions], sin[positions]
 
-    def update(self, layer_idx, k, v):
+    def attend(self, layer_idx, q, k, v):
         positions = self.pos + self.arange[:k.size(2)]                  # (T,)
         self.k[layer_idx].index_copy_(2, positions, k.to(self.k.dtype))
         self.v[layer_idx].index_copy_(2, positions, v.to(self.v.dtype))
+        if k.size(2) == 1:  # decoding: one fused op (a Triton kernel on CUDA)
+            y = torch.ops.bitnet.decode_attention(q[:, :, 0].to(self.k.dtype), self.k[layer_idx],
+                                                  self.v[layer_idx], self.pos)
+            return y[:, :, None].to(q.dtype)
         mask = self.arange[None, :] <= positions[:, None]                # (T, max_len)
-        return self.k[layer_idx], self.v[layer_idx], mask, False
+        return F.scaled_dot_product_attention(q, self.k[layer_idx].to(q.dtype), self.v[layer_idx].to(q.dtype),
+                                              attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
 
     def advance(self, T):
         self.pos.add_(T)
@@ -168,13 +192,11 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask, causal = None, True
-        if kv_cache is not None:
-            k, v, mask, causal = kv_cache.update(self.layer_idx, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head)
+        if kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+                                               enable_gqa=self.n_kv_head != self.n_head)
+        else:
+            y = kv_cache.attend(self.layer_idx, q, k, v)
         return y.transpose(1, 2).contiguous().view(B, T, C)
 
 

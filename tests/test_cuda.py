@@ -53,6 +53,26 @@ def test_kernel_matches_reference_with_norm(dtype, epilogue):
     assert (y - ref).abs().max().item() < 0.05 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('nh,nkv,hd', [(4, 4, 64), (20, 5, 128), (12, 1, 64)])
+@pytest.mark.parametrize('pos', [0, 63, 64, 200])
+def test_decode_attention_kernel_matches_reference(dtype, nh, nkv, hd, pos):
+    import kernels  # noqa: F401
+    from model import decode_attention, decode_attention_reference
+    g = torch.Generator(device='cuda').manual_seed(pos + nh)
+    q = torch.randn(2, nh, hd, device='cuda', generator=g).to(dtype)
+    k = torch.randn(2, nkv, 256, hd, device='cuda', generator=g).to(dtype)
+    v = torch.randn(2, nkv, 256, hd, device='cuda', generator=g).to(dtype)
+    k[:, :, pos + 1:] = float('nan')   # positions past pos must not be read
+    v[:, :, pos + 1:] = float('nan')
+    p = torch.tensor(pos, device='cuda')
+    y = decode_attention(q, k, v, p)
+    ref = decode_attention_reference(q.float(), k[:, :, :pos + 1].float().nan_to_num(), v[:, :, :pos + 1].float().nan_to_num(),
+                                     torch.tensor(pos, device='cuda'))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
+
+
 def tiny_gpt(quant='b1.58', **kw):
     from model import GPT, GPTConfig
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from bitlinear import BitLinear, BitLinear1b
-from model import GPT, GPTConfig, KVCache, apply_rotary, rotary_tables
+from model import GPT, GPTConfig, KVCache, StaticKVCache, apply_rotary, rotary_tables
 
 
 def make(quant='b1.58', **kw):
@@ -60,6 +60,23 @@ def test_kv_cache_generation_equals_uncached(quant, n_kv_head):
     uncached = model.generate(prompt, 40, temperature=0, use_cache=False)
     assert cached.shape == (2, 45)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize('n_kv_head', [4, 2])
+def test_static_cache_decoding_equals_generate(n_kv_head):
+    """The engine's cache (position in a tensor, masked attention, the decode_attention op)."""
+    model = make(n_kv_head=n_kv_head).eval()
+    prompt = torch.randint(30, (2, 5))
+    expected = model.generate(prompt, 15, temperature=0)
+    cache = StaticKVCache(model.config, 2, 24, 'cpu', torch.float32)
+    idx = prompt
+    with torch.no_grad():
+        logits, _ = model(prompt, kv_cache=cache)
+        for _ in range(15):
+            idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+            logits, _ = model(idx[:, -1:], kv_cache=cache)
+    assert cache.pos.item() == 20
+    assert torch.equal(idx, expected)
 
 
 def test_chunked_prefill_matches_full_forward():
