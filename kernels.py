@@ -151,60 +151,89 @@ def packed_linear_cuda(x, norm_weight, packed, row_scale, residual, out_features
 
 
 @triton.jit
-def decode_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, scale,
+def decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, cos_ptr, sin_ptr, scale,
                             stride_kb, stride_kh, stride_kl,
-                            NH: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
+                            NH: tl.constexpr, NKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
                             BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    HALF: tl.constexpr = HD // 2
     kvh = tl.program_id(0)
     b = tl.program_id(1)
     pos = tl.load(pos_ptr)
-    offs_g = tl.arange(0, BLOCK_G)
+    cache_ty = k_ptr.dtype.element_ty
+    row = qkv_ptr + b * (NH + 2 * NKV) * HD
+    offs_h = tl.arange(0, HALF)
     offs_d = tl.arange(0, HD)
+    offs_g = tl.arange(0, BLOCK_G)
     gmask = offs_g < G
-    q_rows = q_ptr + b * NH * HD + (kvh * G + offs_g)[:, None] * HD + offs_d[None, :]
-    q = tl.load(q_rows, mask=gmask[:, None], other=0.0)                       # (BLOCK_G, HD)
+    c = tl.load(cos_ptr + pos * HD + offs_h)       # the tables repeat each frequency in both halves
+    s = tl.load(sin_ptr + pos * HD + offs_h)
+
+    # the new key (rotated) and value, written into the cache at pos
+    k_row = row + (NH + kvh) * HD
+    k1 = tl.load(k_row + offs_h).to(tl.float32)
+    k2 = tl.load(k_row + HALF + offs_h).to(tl.float32)
+    k1, k2 = (k1 * c - k2 * s).to(cache_ty), (k2 * c + k1 * s).to(cache_ty)
+    v_new = tl.load(row + (NH + NKV + kvh) * HD + offs_d).to(cache_ty)
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_kb + kvh * stride_kh
+    tl.store(k_base + pos * stride_kl + offs_h, k1)
+    tl.store(k_base + pos * stride_kl + HALF + offs_h, k2)
+    tl.store(v_base + pos * stride_kl + offs_d, v_new)
+
+    # the G query heads of this kv head, rotated
+    q_rows = row + (kvh * G + offs_g)[:, None] * HD
+    q1 = tl.load(q_rows + offs_h[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+    q2 = tl.load(q_rows + HALF + offs_h[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+    q1, q2 = (q1 * c[None, :] - q2 * s[None, :]).to(cache_ty), (q2 * c[None, :] + q1 * s[None, :]).to(cache_ty)
+
+    # attention over the cached positions 0 .. pos - 1 (online softmax), then the new one
     m_i = tl.full([BLOCK_G], float('-inf'), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HD], dtype=tl.float32)
-    for n0 in range(0, pos + 1, BLOCK_N):
+    for n0 in range(0, pos, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n <= pos
-        kv_off = offs_n[:, None] * stride_kl + offs_d[None, :]
-        k = tl.load(k_base + kv_off, mask=nmask[:, None], other=0.0)          # (BLOCK_N, HD)
-        v = tl.load(v_base + kv_off, mask=nmask[:, None], other=0.0)
+        nmask = offs_n < pos
+        kc1 = tl.load(k_base + offs_n[:, None] * stride_kl + offs_h[None, :], mask=nmask[:, None], other=0.0)
+        kc2 = tl.load(k_base + offs_n[:, None] * stride_kl + HALF + offs_h[None, :], mask=nmask[:, None], other=0.0)
+        vc = tl.load(v_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=nmask[:, None], other=0.0)
         if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision='ieee')
+            sc = tl.dot(q1, tl.trans(kc1), input_precision='ieee') + tl.dot(q2, tl.trans(kc2), input_precision='ieee')
         else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(nmask[None, :], s * scale, float('-inf'))               # (BLOCK_G, BLOCK_N)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            sc = tl.dot(q1, tl.trans(kc1)) + tl.dot(q2, tl.trans(kc2))
+        sc = tl.where(nmask[None, :], sc * scale, float('-inf'))             # (BLOCK_G, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        p = tl.exp(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision='ieee')
+            acc = acc * alpha[:, None] + tl.dot(p, vc.to(tl.float32), input_precision='ieee')
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(cache_ty), vc)
         m_i = m_new
+    s_new = (tl.sum(q1.to(tl.float32) * k1.to(tl.float32)[None, :], axis=1)
+             + tl.sum(q2.to(tl.float32) * k2.to(tl.float32)[None, :], axis=1)) * scale
+    m_new = tl.maximum(m_i, s_new)
+    alpha = tl.exp(m_i - m_new)
+    p_new = tl.exp(s_new - m_new)
+    l_i = l_i * alpha + p_new
+    acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
     out = acc / l_i[:, None]
     o_rows = o_ptr + b * NH * HD + (kvh * G + offs_g)[:, None] * HD + offs_d[None, :]
     tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=gmask[:, None])
 
 
 @decode_attention.register_kernel('cuda')
-def decode_attention_cuda(q, k_cache, v_cache, pos):
-    B, NH, HD = q.shape
-    NKV = k_cache.size(1)
-    if HD & (HD - 1) or HD < 16 or k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride():
-        return decode_attention_reference(q, k_cache, v_cache, pos)
-    q = q.contiguous()
-    out = torch.empty_like(q)
-    G = NH // NKV
+def decode_attention_cuda(qkv, k_cache, v_cache, pos, cos, sin, n_head):
+    B = qkv.size(0)
+    NKV, HD = k_cache.size(1), k_cache.size(3)
+    if HD & (HD - 1) or HD < 32 or k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride() \
+            or not qkv.is_contiguous() or not cos.is_contiguous():
+        return decode_attention_reference(qkv, k_cache, v_cache, pos, cos, sin, n_head)
+    out = torch.empty(B, n_head * HD, device=qkv.device, dtype=qkv.dtype)
+    G = n_head // NKV
     decode_attention_kernel[(NKV, B)](
-        q, k_cache, v_cache, out, pos, HD ** -0.5,
+        qkv, k_cache, v_cache, out, pos, cos, sin, HD ** -0.5,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NH=NH, G=G, HD=HD, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=64,
-        IEEE=q.dtype == torch.float32, num_warps=4)
+        NH=n_head, NKV=NKV, G=G, HD=HD, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=64,
+        IEEE=k_cache.dtype == torch.float32, num_warps=4)
     return out

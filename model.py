@@ -81,24 +81,34 @@ def apply_rotary(x, cos, sin):
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
-def decode_attention_reference(q, k_cache, v_cache, pos):
-    """One new query per sequence: q (B, nh, hs) at position pos attends to the cached keys and
-    values (B, nkv, max_len, hs) at positions 0 .. pos -> (B, nh, hs)."""
+def decode_attention_reference(qkv, k_cache, v_cache, pos, cos, sin, n_head):
+    """One decoding step of attention, for one new position per sequence: qkv (B, (nh + 2 nkv) hs)
+    is the projected q, k, v at position pos (a 0-d tensor); rotate q and k (cos, sin: the
+    (max_positions, hs) tables), write k and v into the caches (B, nkv, max_len, hs) at pos,
+    and attend from q to positions 0 .. pos -> (B, nh * hs)."""
+    B, nkv, _, hs = k_cache.shape
+    q, k, v = qkv.split([n_head * hs, nkv * hs, nkv * hs], dim=-1)
+    q, k, v = q.view(B, n_head, 1, hs), k.view(B, nkv, 1, hs), v.view(B, nkv, 1, hs)
+    c, s = cos[pos].view(1, hs), sin[pos].view(1, hs)
+    q, k = apply_rotary(q, c, s), apply_rotary(k, c, s)
+    k_cache.index_copy_(2, pos.view(1), k.to(k_cache.dtype))
+    v_cache.index_copy_(2, pos.view(1), v.to(v_cache.dtype))
     mask = (torch.arange(k_cache.size(2), device=q.device) <= pos)[None, :]   # (1, max_len)
-    y = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=mask,
-                                       enable_gqa=q.size(1) != k_cache.size(1))
-    return y[:, :, 0].contiguous()
+    y = F.scaled_dot_product_attention(q.to(k_cache.dtype), k_cache, v_cache, attn_mask=mask,
+                                       enable_gqa=n_head != nkv)
+    return y.reshape(B, n_head * hs).to(qkv.dtype)
 
 
-@torch.library.custom_op('bitnet::decode_attention', mutates_args=())
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """decode_attention_reference as one op, so that CUDA can register a kernel (kernels.py)."""
-    return decode_attention_reference(q, k_cache, v_cache, pos)
+@torch.library.custom_op('bitnet::decode_attention', mutates_args=('k_cache', 'v_cache'))
+def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, n_head: int) -> torch.Tensor:
+    """decode_attention_reference as one op; on CUDA one Triton kernel (kernels.py)."""
+    return decode_attention_reference(qkv, k_cache, v_cache, pos, cos, sin, n_head)
 
 
 @decode_attention.register_fake
-def _(q, k_cache, v_cache, pos):
-    return torch.empty_like(q)
+def _(qkv, k_cache, v_cache, pos, cos, sin, n_head):
+    return qkv.new_empty(qkv.size(0), n_head * k_cache.size(3))
 
 
 class KVCache:
@@ -130,6 +140,9 @@ class KVCache:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and pos == 0,
                                               enable_gqa=q.size(1) != k.size(1))
 
+    def decodes(self, T):
+        return False
+
     def advance(self, T):
         self.pos += T
 
@@ -145,17 +158,25 @@ class StaticKVCache(KVCache):
         self.arange = torch.arange(max_len, device=device)
 
     def rope(self, cos, sin, T):
+        self.tables = (cos, sin)  # kept for decode(), which rotates inside its one op
         positions = self.pos + self.arange[:T]
         return cos[positions], sin[positions]
+
+    def decodes(self, T):
+        """Whether attention for T new positions goes through decode() (one op per layer)."""
+        return T == 1
+
+    def decode(self, layer_idx, q, k, v, n_head):
+        """q (B, 1, nh * hs), k, v (B, 1, nkv * hs), not yet rotated -> (B, 1, nh * hs)."""
+        qkv = torch.cat((q, k, v), dim=-1)[:, 0]
+        y = torch.ops.bitnet.decode_attention(qkv, self.k[layer_idx], self.v[layer_idx], self.pos,
+                                              *self.tables, n_head)
+        return y[:, None]
 
     def attend(self, layer_idx, q, k, v):
         positions = self.pos + self.arange[:k.size(2)]                  # (T,)
         self.k[layer_idx].index_copy_(2, positions, k.to(self.k.dtype))
         self.v[layer_idx].index_copy_(2, positions, v.to(self.v.dtype))
-        if k.size(2) == 1:  # decoding: one fused op (a Triton kernel on CUDA)
-            y = torch.ops.bitnet.decode_attention(q[:, :, 0].to(self.k.dtype), self.k[layer_idx],
-                                                  self.v[layer_idx], self.pos)
-            return y[:, :, None].to(q.dtype)
         mask = self.arange[None, :] <= positions[:, None]                # (T, max_len)
         return F.scaled_dot_product_attention(q, self.k[layer_idx].to(q.dtype), self.v[layer_idx].to(q.dtype),
                                               attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
@@ -188,6 +209,8 @@ class Attention(nn.Module):
         """Projected q (B, T, n_embd), k, v (B, T, kv_dim) -> attention output (B, T, n_embd),
         before attn_sub_norm and o_proj (the packed model shares this part)."""
         B, T, C = q.size()
+        if kv_cache is not None and kv_cache.decodes(T):  # the engine's decoding step: one op
+            return kv_cache.decode(self.layer_idx, q, k, v, self.n_head)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)

@@ -58,19 +58,22 @@ def test_kernel_matches_reference_with_norm(dtype, epilogue):
 @pytest.mark.parametrize('pos', [0, 63, 64, 200])
 def test_decode_attention_kernel_matches_reference(dtype, nh, nkv, hd, pos):
     import kernels  # noqa: F401
-    from model import decode_attention, decode_attention_reference
+    from model import decode_attention, decode_attention_reference, rotary_tables
     g = torch.Generator(device='cuda').manual_seed(pos + nh)
-    q = torch.randn(2, nh, hd, device='cuda', generator=g).to(dtype)
+    qkv = torch.randn(2, (nh + 2 * nkv) * hd, device='cuda', generator=g).to(dtype)
     k = torch.randn(2, nkv, 256, hd, device='cuda', generator=g).to(dtype)
     v = torch.randn(2, nkv, 256, hd, device='cuda', generator=g).to(dtype)
     k[:, :, pos + 1:] = float('nan')   # positions past pos must not be read
     v[:, :, pos + 1:] = float('nan')
+    cos, sin = [t.cuda() for t in rotary_tables(hd, 256, 10000.0)]
     p = torch.tensor(pos, device='cuda')
-    y = decode_attention(q, k, v, p)
-    ref = decode_attention_reference(q.float(), k[:, :, :pos + 1].float().nan_to_num(), v[:, :, :pos + 1].float().nan_to_num(),
-                                     torch.tensor(pos, device='cuda'))
+    k_ref, v_ref = k[:, :, :pos + 1].clone(), v[:, :, :pos + 1].clone()
+    y = decode_attention(qkv, k, v, p, cos, sin, nh)
+    ref = decode_attention_reference(qkv, k_ref, v_ref, p, cos, sin, nh)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(k[:, :, pos].float(), k_ref[:, :, pos].float(), rtol=tol, atol=tol)   # rotated k written
+    torch.testing.assert_close(v[:, :, pos], v_ref[:, :, pos])
 
 
 def tiny_gpt(quant='b1.58', **kw):
