@@ -21,12 +21,14 @@ with unpacking to bfloat16 and a bfloat16 matmul.
 """
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
 from model import decode_attention, decode_attention_reference
-from packed import float_matmul, packed_linear, packed_linear_reference
+from bitlinear import unpack_ternary
+from packed import packed_linear, packed_linear_reference
 
 
 @triton.jit
@@ -123,11 +125,39 @@ def packed_gemv_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
         _store_rows(y3, y_ptr, res_ptr, m, offs_r + 3 * R, rmask & (offs_r + 3 * R < N), N, EPILOGUE)
 
 
-def int8_matmul(x_int, w_t):
-    """int8 (M, K) x int8 (N, K) -> float32 (M, N) on the int8 tensor cores (exact int32 sums)."""
-    if x_int.size(1) % 8 == 0 and w_t.size(0) % 8 == 0:
+@triton.jit
+def unpack_kernel(p_ptr, out_ptr, R, K, ROWS, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(R, K) packed bytes -> (ROWS, K) int8 in {-1, 0, 1}: byte (r, k) holds rows r + i * R."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = offs_k[None, :] < K
+    p = tl.load(p_ptr + offs_r[:, None] * K + offs_k[None, :], mask=(offs_r[:, None] < R) & kmask, other=0).to(tl.int32)
+    for i in tl.static_range(4):
+        rows = offs_r + i * R
+        tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], (((p >> (2 * i)) & 3) - 1).to(tl.int8),
+                 mask=(offs_r[:, None] < R) & (rows[:, None] < ROWS) & kmask)
+
+
+def unpack_int8(packed, rows):
+    """unpack_ternary in one kernel: (R, K) uint8 -> (rows, K) int8."""
+    R, K = packed.shape
+    out = torch.empty(rows, K, dtype=torch.int8, device=packed.device)
+    unpack_kernel[(triton.cdiv(R, 32), triton.cdiv(K, 256))](packed, out, R, K, rows, BLOCK_R=32, BLOCK_K=256)
+    return out
+
+
+def int8_matmul(x_int, packed, rows):
+    """int8 activations (M, K) x unpacked int8 weights on the int8 tensor cores (exact int32 sums)."""
+    w_t = unpack_int8(packed, rows)
+    if x_int.size(1) % 8 == 0 and rows % 8 == 0:
         return torch._int_mm(x_int, w_t.t()).float()
-    return float_matmul(x_int, w_t)
+    return F.linear(x_int.float(), w_t.float())
+
+
+def bf16_matmul(x_int, packed, rows):
+    """Unpack-then-matmul, the plain way: the weights unpacked to bfloat16 and a bfloat16 matmul
+    (float32 accumulation, the result rounded to bfloat16). bench.py's baseline for prefill."""
+    return F.linear(x_int.to(torch.bfloat16), unpack_ternary(packed, rows).to(torch.bfloat16)).float()
 
 
 @packed_linear.register_kernel('cuda')

@@ -40,9 +40,10 @@ PACKED_FORMAT = 'bitnet-packed-v1'
 _reference_path = False  # set by verify_packed: run every layer through packed_linear_reference
 
 
-def float_matmul(x_int, w_t):
-    """int8 (M, K) x int8 (N, K) -> (M, N) float32 holding the exact integer sums."""
-    return F.linear(x_int.float(), w_t.float())
+def float_matmul(x_int, packed, rows):
+    """int8 activations (M, K) x the first `rows` rows of packed 2-bit weights (R, K)
+    -> (M, rows) float32 holding the exact integer sums."""
+    return F.linear(x_int.float(), unpack_ternary(packed, rows).float())
 
 
 def packed_linear_reference(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps,
@@ -54,8 +55,7 @@ def packed_linear_reference(x, norm_weight, packed, row_scale, residual, out_fea
     if norm_weight.numel():
         x = norm_weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(dtype)
     x_int, s_x = quantize_activation(x)                                  # int8, (M, 1)
-    w_t = unpack_ternary(packed, 4 * packed.size(0))                     # (4R, K) int8
-    y = matmul(x_int, w_t) * (row_scale / s_x)                           # exact integers, rescaled
+    y = matmul(x_int, packed, 4 * packed.size(0)) * (row_scale / s_x)    # exact integers, rescaled
     if epilogue == 2:
         y = F.relu(y[:, :out_features]).square() * y[:, out_features:2 * out_features]
     else:
