@@ -321,7 +321,7 @@ def bench_prefill(rows=512):
     cores) against the same layer computed the plain way: unpack to bfloat16, bfloat16 matmul."""
     import triton.testing
     from bitlinear import pack_ternary
-    from kernels import bf16_matmul
+    from ternary_kernels import bf16_matmul
     from packed import packed_linear, packed_linear_reference
     inter = GPTConfig(n_embd=n_embd, n_head=n_head, intermediate_size=intermediate_size).intermediate_size
     print(f"prefill, {rows} rows: {'shape':>14} {'packed op ms':>13} {'unpack+bf16 mm ms':>18}")

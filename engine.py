@@ -19,7 +19,7 @@ import torch
 from model import StaticKVCache, sample
 
 if torch.cuda.is_available():
-    import kernels  # noqa: F401  (registers the CUDA kernels of the decode ops)
+    import ternary_kernels  # noqa: F401  (registers the CUDA kernels of the decode ops)
 
 
 class Engine:

@@ -102,7 +102,7 @@ def decode_attention_reference(qkv, k_cache, v_cache, pos, cos, sin, n_head):
 @torch.library.custom_op('bitnet::decode_attention', mutates_args=('k_cache', 'v_cache'))
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      cos: torch.Tensor, sin: torch.Tensor, n_head: int) -> torch.Tensor:
-    """decode_attention_reference as one op; on CUDA one Triton kernel (kernels.py)."""
+    """decode_attention_reference as one op; on CUDA one Triton kernel (ternary_kernels.py)."""
     return decode_attention_reference(qkv, k_cache, v_cache, pos, cos, sin, n_head)
 
 

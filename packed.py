@@ -23,7 +23,7 @@ format: `weight` uint8 (ceil(out / 4), in) and `weight_scale` (1,) = s_w.
 
 The arithmetic lives in one custom op, torch.ops.bitnet.packed_linear: a pure-PyTorch
 implementation that runs everywhere (unpack, exact integer product, rescale) and, on CUDA, a
-Triton kernel (kernels.py) registered for it, which torch.compile and CUDA graphs treat as one call.
+Triton kernel (ternary_kernels.py) registered for it, which torch.compile and CUDA graphs treat as one call.
 """
 
 import os
@@ -305,6 +305,6 @@ def load_packed(checkpoint, path='packed checkpoint'):
 # the CUDA kernel registers itself for the op where Triton and a GPU are there
 if torch.cuda.is_available():
     try:
-        import kernels  # noqa: F401
+        import ternary_kernels  # noqa: F401
     except ImportError:
         pass

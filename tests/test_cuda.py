@@ -57,7 +57,7 @@ def test_kernel_matches_reference_with_norm(dtype, epilogue):
 @pytest.mark.parametrize('nh,nkv,hd', [(4, 4, 64), (20, 5, 128), (12, 1, 64)])
 @pytest.mark.parametrize('pos', [0, 63, 64, 200])
 def test_decode_attention_kernel_matches_reference(dtype, nh, nkv, hd, pos):
-    import kernels  # noqa: F401
+    import ternary_kernels  # noqa: F401
     from model import decode_attention, decode_attention_reference, rotary_tables
     g = torch.Generator(device='cuda').manual_seed(pos + nh)
     qkv = torch.randn(2, (nh + 2 * nkv) * hd, device='cuda', generator=g).to(dtype)
