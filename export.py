@@ -4,13 +4,15 @@ Export a checkpoint as a directory that Hugging Face transformers loads as BitNe
 
     python export.py --out_dir=out-shakespeare-char --to=hf-shakespeare-char
     python export.py --ckpt_path=out/ckpt.pt --to=hf-packed --variant=packed
-    python -c "from transformers import AutoModelForCausalLM as M; print(M.from_pretrained('hf-packed'))"
+    python export.py --ckpt_path=out/ckpt_packed.pt --to=hf-packed --variant=packed   # pack.py's file
+
+and in transformers: AutoModelForCausalLM.from_pretrained('hf-packed').
 
 variant 'master' stores the latent float weights (quantization_mode 'online': transformers
 quantizes them every forward, as our BitLinear does, and can fine-tune them); 'packed' stores the
-ternary weights, 2 bits each, and one weight_scale per layer ('offline', inference only, about a
-tenth of the size). A float baseline (quant='none') becomes a plain BitNetForCausalLM. hf.py
-holds the conversion and what transformers does with each variant.
+ternary weights, 2 bits each instead of 32 (or 16), and one weight_scale per layer ('offline',
+inference only). A float baseline (quant='none') becomes a plain BitNetForCausalLM. hf.py holds
+the conversion and what transformers does with each variant.
 
 The directory gets config.json, model.safetensors, the tokenizer (GPT-2 BPE: vocab.json,
 merges.txt and tokenizer_config.json for AutoTokenizer; character-level: vocab.json,
@@ -29,8 +31,12 @@ from safetensors.torch import save_file
 from bitlinear import quantize_weight
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from configurator import configure, fail
-from hf import DTYPES, VARIANTS, HFError, gpt2_tokenizer_files, hf_config, hf_state_dict, is_projection
+from hf import (DTYPES, VARIANTS, HFError, gpt2_tokenizer_files, gpt_state_dict_from_hf, hf_config, hf_state_dict,
+                is_projection)
 from prepare_data import DataError
+
+EXPORT_FILES = {'model.safetensors', 'config.json', 'vocab.json', 'merges.txt', 'tokenizer_config.json', 'meta.json',
+                'export.json'}  # every file export.py may write; it never deletes any other
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'            # reads out_dir/ckpt.pt ...
@@ -66,8 +72,12 @@ if os.path.isfile(record_path):
 path = ckpt_path or os.path.join(out_dir, 'ckpt.pt')
 try:
     checkpoint = load_checkpoint(path)
+    if 'packed' in checkpoint:  # pack.py's file holds ternary weights only: latent weights that quantize to them
+        checkpoint = dict(model=gpt_state_dict_from_hf(checkpoint['packed'], checkpoint['model_args'],
+                                                       'autobitlinear', path),
+                          model_args=checkpoint['model_args'], tokenizer=checkpoint.get('tokenizer'))
     model = model_from_checkpoint(checkpoint, path, dropout=0.0)
-except CheckpointError as e:
+except CheckpointError as e:   # HFError included
     fail(str(e))
 meta = checkpoint.get('tokenizer')
 try:
@@ -95,7 +105,7 @@ for name, text in files.items():
     with open(os.path.join(to, name), 'w', encoding='utf-8') as f:
         f.write(text)
 written = ['model.safetensors', *files, 'export.json']
-for name in set(previous) - set(written):   # left over from the earlier export (e.g. other tokenizer files)
+for name in (set(previous) & EXPORT_FILES) - set(written):   # left by the earlier export (e.g. GPT-2's merges.txt)
     if os.path.isfile(os.path.join(to, name)):
         os.remove(os.path.join(to, name))
 record = dict(written_by='export.py', checkpoint=os.path.abspath(path), iter_num=checkpoint.get('iter_num'),

@@ -26,8 +26,8 @@ integrations/bitnet.py, AutoBitLinear):
   x_q = clamp(round(x * s_x), -128, 127) / s_x; y = F.linear(x_q, W_q).
 - packed, quantization_mode 'offline': weight is uint8 (out / 4, in), 2 bits a value
   (bitlinear.pack_ternary), unpacked on load to W_t in the model's dtype; weight_scale is a (1,)
-  tensor (loaded in the model's dtype) and y = F.linear(x_q, W_t) * weight_scale, so
-  weight_scale = s_w. transformers unpacks only when 4 * rows == out_features, so a layer whose
+  tensor, cast to the model's dtype on load, and y = F.linear(x_q, W_t) * weight_scale, so
+  weight_scale = s_w. We store it in float32 whatever the dtype, as pack.py's files do. transformers unpacks only when 4 * rows == out_features, so a layer whose
   output size is not a multiple of 4 cannot be exported packed.
 - the older linear_class 'bitlinear' (the packed 2B4T release) computes y = F.linear(x_int, W_t)
   / (s_x * weight_scale): it stores weight_scale = 1 / s_w. Import reads both classes.
@@ -50,7 +50,7 @@ from checkpoint import CheckpointError
 from model import GPT, GPTConfig
 from prepare_data import gpt2_encoding
 
-PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')  # the BitLinear layers
+PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')  # a block's BitLinears
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
 VARIANTS = ('master', 'packed')
 ROPE_THETA_DEFAULT = 500000.0   # BitNetConfig's when config.json names none
@@ -119,7 +119,7 @@ def hf_state_dict(model, variant, dtype):
                               f"when that is a multiple of 4: export with --variant=master")
             w_t, s_w = quantize_weight(t)
             out[name] = pack_ternary(w_t)
-            out[name + '_scale'] = s_w.reshape(1).to(DTYPES[dtype])   # ...q_proj.weight_scale
+            out[name + '_scale'] = s_w.reshape(1)   # ...q_proj.weight_scale, float32 as in pack.py's files
         else:
             out[name] = t.detach().to('cpu', DTYPES[dtype]).contiguous()
     return out
