@@ -5,7 +5,7 @@ Sample from a trained model, after checking that its weights really are ternary.
     python sample.py --ckpt_path=out/ckpt.pt --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --out_dir=out --start=FILE:prompt.txt
     python sample.py --ckpt_path=out/ckpt_packed.pt          # a packed checkpoint (pack.py)
-    python sample.py --ckpt_path=hf:DIR       # a transformers BitNet directory (export.py, hf.py)
+    python sample.py --ckpt_path=hf:DIR                      # a transformers BitNet directory (export.py)
 
 The check (bitlinear.verify_bitlinear, or packed.verify_packed for a packed checkpoint)
 prints how many BitLinear layers and weights the model has, the fraction of zeros, the size of

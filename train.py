@@ -38,8 +38,8 @@ log_interval = 10          # print the training loss every this many iterations
 eval_iters = 200           # batches per split in an evaluation
 eval_only = False          # evaluate once and exit
 always_save_checkpoint = False  # save at every evaluation, not only when val loss improves
-init_from = 'scratch'      # 'scratch', 'resume' (from out_dir/ckpt.pt) or 'hf:DIR' (fine-tune a transformers
-                           # BitNet directory, e.g. one export.py wrote: hf.py)
+init_from = 'scratch'      # 'scratch', 'resume' (from out_dir/ckpt.pt) or 'hf:DIR' (start from the weights of a
+                           # transformers BitNetForCausalLM directory, e.g. export.py's; hf.py)
 # wandb logging (imported only when on)
 wandb_log = False
 wandb_project = 'bitnet'
