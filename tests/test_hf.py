@@ -2,28 +2,47 @@
 sample.py), checked against transformers' own BitNetForCausalLM.
 
 transformers wraps its BitNet quantizers in torch.compile; on a CPU that compiles C++ for half a
-minute per test, so these tests run them eagerly (the same operations, uncompiled)."""
+minute per test, so these tests run them eagerly (the same operations, uncompiled). Most script
+runs happen in this process (script(): runpy with sys.argv set), which saves the seconds a new
+process spends importing torch; a few run as real processes, to see exit codes and one-line errors."""
 
+import contextlib
+import copy
+import io
 import json
 import os
+import runpy
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-pytest.importorskip('transformers')
-import transformers  # noqa: E402
+from bitlinear import quantize_weight
+from checkpoint import model_from_checkpoint, save_checkpoint
+from conftest import REPO, TINY, run
+from hf import HFError, check_finetuning_data, is_projection, load_hf_checkpoint
+from model import GPT, GPTConfig
+from packed import pack_model, save_packed
+from prepare_data import DataError, gpt2_encoding, load_tokenizer, prepare
+
+transformers = pytest.importorskip('transformers')
+from transformers.utils import import_utils  # noqa: E402
+
+# The repo's kernels.py (Triton, for packed.py) shadows the `kernels` package that transformers
+# probes for; where Triton is missing, importing it fails and takes BitNetForCausalLM down with it.
+# Probe once with the repo off sys.path: transformers caches the answer (False).
+_path = sys.path[:]
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != REPO]
+try:
+    import_utils.is_kernels_available()
+finally:
+    sys.path[:] = _path
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitNetConfig, BitNetForCausalLM  # noqa: E402
 from transformers.integrations.bitnet import pack_weights  # noqa: E402
-
-from bitlinear import quantize_weight  # noqa: E402
-from checkpoint import model_from_checkpoint, save_checkpoint  # noqa: E402
-from conftest import TINY, run  # noqa: E402
-from hf import HFError, check_finetuning_data, is_projection, load_hf_checkpoint  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from prepare_data import DataError, gpt2_encoding  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 RTOL = 1e-5   # logits agree within RTOL * max(1, max|logits|) (float32)
@@ -66,8 +85,23 @@ def make_checkpoint(path, corpus_dir, steps=30, **overrides):
     return model.eval(), meta
 
 
+def script(name, *args):
+    """Run one of the repo's scripts in this process, as `python name args` would; returns a
+    CompletedProcess with the exit code and what it printed."""
+    out, err, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
+    sys.argv = [name, *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(os.path.join(REPO, name), run_name='__main__')
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
+
+
 def export(ckpt, to, *flags):
-    return run('export.py', f'--ckpt_path={ckpt}', f'--to={to}', *flags)
+    return script('export.py', f'--ckpt_path={ckpt}', f'--to={to}', *flags)
 
 
 def probe(vocab_size, T=32):
@@ -102,16 +136,30 @@ def checkpoints(tmp_path_factory, corpus_dir):
     return out
 
 
+EXPORTS = [('mha', 'master'), ('mha', 'packed'), ('gqa', 'master'), ('gqa', 'packed'), ('float', 'master')]
+
+
+@pytest.fixture(scope='module')
+def exports(tmp_path_factory, checkpoints):
+    """{(name, variant): directory export.py wrote}; tests copy a directory before changing it."""
+    root = tmp_path_factory.mktemp('hf_exports')
+    out = {}
+    for name, variant in EXPORTS:
+        out[name, variant] = root / f'{name}-{variant}'
+        r = export(checkpoints[name][0], out[name, variant], f'--variant={variant}')
+        assert r.returncode == 0, r.stderr
+        assert f'wrote {out[name, variant]}/' in r.stdout
+    return out
+
+
 # -----------------------------------------------------------------------------
 # ours -> transformers
 
-@pytest.mark.parametrize('name,variant', [('mha', 'master'), ('mha', 'packed'), ('gqa', 'master'),
-                                          ('gqa', 'packed'), ('float', 'master')])
-def test_export_loads_in_transformers_with_equal_logits(tmp_path, checkpoints, name, variant):
-    path, model, meta = checkpoints[name]
-    r = export(path, tmp_path / 'hf', f'--variant={variant}')
-    assert r.returncode == 0, r.stderr
-    config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+@pytest.mark.parametrize('name,variant', EXPORTS)
+def test_export_loads_in_transformers_with_equal_logits(checkpoints, exports, name, variant):
+    _, model, meta = checkpoints[name]
+    d = exports[name, variant]
+    config = json.loads((d / 'config.json').read_text())
     assert config['model_type'] == 'bitnet' and config['architectures'] == ['BitNetForCausalLM']
     assert config['num_key_value_heads'] == model.config.n_kv_head
     assert config['rope_theta'] == model.config.rope_theta and config['torch_dtype'] == 'float32'
@@ -120,11 +168,11 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, checkpoints, n
     else:
         assert config['quantization_config'] == dict(quant_method='bitnet', linear_class='autobitlinear',
                                                      quantization_mode='online' if variant == 'master' else 'offline')
-    assert json.loads((tmp_path / 'hf' / 'meta.json').read_text()) == meta
-    vocab = json.loads((tmp_path / 'hf' / 'vocab.json').read_text())
+    assert json.loads((d / 'meta.json').read_text()) == meta
+    vocab = json.loads((d / 'vocab.json').read_text())
     assert [c for c, _ in sorted(vocab.items(), key=lambda kv: kv[1])] == list(meta['chars'])
 
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / 'hf', dtype=torch.float32).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     assert type(theirs).__name__ == 'BitNetForCausalLM'
     q_proj = theirs.model.layers[0].self_attn.q_proj
     if name == 'float':
@@ -141,10 +189,9 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, checkpoints, n
     assert diff <= tol
 
 
-def test_packed_export_is_small_and_uses_the_2bit_layout(tmp_path, checkpoints):
-    path, model, _ = checkpoints['mha']
-    assert export(path, tmp_path / 'packed', '--variant=packed').returncode == 0
-    tensors = load_file(tmp_path / 'packed' / 'model.safetensors')
+def test_packed_export_is_small_and_uses_the_2bit_layout(checkpoints, exports):
+    model = checkpoints['mha'][1]
+    tensors = load_file(exports['mha', 'packed'] / 'model.safetensors')
     w = tensors['model.layers.1.mlp.down_proj.weight']
     assert w.dtype == torch.uint8 and w.shape == (64 // 4, model.config.intermediate_size)
     scale = tensors['model.layers.1.mlp.down_proj.weight_scale']
@@ -220,11 +267,10 @@ def test_transformers_model_imports_with_equal_logits(tmp_path, kind):
 # -----------------------------------------------------------------------------
 # round trips
 
-def test_round_trip_master_gives_identical_weights(tmp_path, checkpoints):
+def test_round_trip_master_gives_identical_weights(checkpoints, exports):
     for name in ('mha', 'gqa', 'float'):
-        path, model, meta = checkpoints[name]
-        assert export(path, tmp_path / name).returncode == 0
-        back = load_hf_checkpoint(str(tmp_path / name))
+        _, model, meta = checkpoints[name]
+        back = load_hf_checkpoint(str(exports[name, 'master']))
         assert back['tokenizer'] == meta
         cfg = model.config
         assert back['model_args'] == dict(vocab_size=cfg.vocab_size, n_embd=cfg.n_embd,
@@ -237,10 +283,9 @@ def test_round_trip_master_gives_identical_weights(tmp_path, checkpoints):
         assert all(torch.equal(back['model'][k], original[k]) for k in original), name
 
 
-def test_round_trip_packed_gives_identical_ternary_weights_and_scales(tmp_path, checkpoints):
-    path, model, _ = checkpoints['gqa']
-    assert export(path, tmp_path / 'packed', '--variant=packed').returncode == 0
-    back = load_hf_checkpoint(str(tmp_path / 'packed'))['model']
+def test_round_trip_packed_gives_identical_ternary_weights_and_scales(tmp_path, checkpoints, exports):
+    _, model, meta = checkpoints['gqa']
+    back = load_hf_checkpoint(str(exports['gqa', 'packed']))['model']
     original = model.state_dict()
     n = 0
     for name, w in original.items():
@@ -259,9 +304,15 @@ def test_round_trip_packed_gives_identical_ternary_weights_and_scales(tmp_path, 
     assert n == 14
     # so the imported model computes exactly what the original does
     idx = probe(model.config.vocab_size)
-    ours = model_from_checkpoint(load_hf_checkpoint(str(tmp_path / 'packed')), 'packed').eval()
+    ours = model_from_checkpoint(load_hf_checkpoint(str(exports['gqa', 'packed'])), 'packed').eval()
     with torch.no_grad():
         assert torch.equal(ours(idx, idx)[0], model(idx, idx)[0])
+    # pack.py's packed checkpoint of the same model exports to the very same file
+    save_packed(pack_model(copy.deepcopy(model)), str(tmp_path / 'ckpt_packed.pt'), tokenizer=meta)
+    r = export(tmp_path / 'ckpt_packed.pt', tmp_path / 'from_pack', '--variant=packed')
+    assert r.returncode == 0, r.stderr
+    a, b = (load_file(d / 'model.safetensors') for d in (exports['gqa', 'packed'], tmp_path / 'from_pack'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bfloat16_export(tmp_path, checkpoints):
@@ -277,24 +328,21 @@ def test_bfloat16_export(tmp_path, checkpoints):
 # -----------------------------------------------------------------------------
 # train.py and sample.py with hf:DIR
 
-def test_sample_from_hf_dir_equals_sample_from_checkpoint(tmp_path, checkpoints):
-    path, _, _ = checkpoints['gqa']
-    assert export(path, tmp_path / 'packed', '--variant=packed').returncode == 0
+def test_sample_from_hf_dir_equals_sample_from_checkpoint(checkpoints, exports):
     common = ['--num_samples=2', '--max_new_tokens=30', '--start=ROMEO:', '--device=cpu']
-    a = run('sample.py', f'--ckpt_path={path}', *common)
-    b = run('sample.py', f'--ckpt_path=hf:{tmp_path / "packed"}', *common)
+    a = script('sample.py', f'--ckpt_path={checkpoints["gqa"][0]}', *common)
+    b = script('sample.py', f'--ckpt_path=hf:{exports["gqa", "packed"]}', *common)
     assert a.returncode == 0 and b.returncode == 0, b.stderr
     assert 'PASS' in b.stdout and 'max |diff| 0 ' in b.stdout
     samples = lambda r: r.stdout.split('PASS\n', 1)[1]
     assert samples(b) == samples(a) and samples(a).startswith('ROMEO:')
 
 
-def test_finetune_from_hf_dir(tmp_path, corpus_dir, checkpoints):
-    path, model, meta = checkpoints['gqa']
-    assert export(path, tmp_path / 'hf').returncode == 0
+def test_finetune_from_hf_dir(tmp_path, corpus_dir, checkpoints, exports):
+    meta = checkpoints['gqa'][2]
     out = tmp_path / 'out'
     r = run('train.py', *TINY, f'--data_dir={corpus_dir}', '--dataset=tiny', f'--out_dir={out}',
-            f'--init_from=hf:{tmp_path / "hf"}', '--max_iters=2', '--eval_interval=2')
+            f'--init_from=hf:{exports["gqa", "master"]}', '--max_iters=2', '--eval_interval=2')
     assert r.returncode == 0, r.stderr
     log = [json.loads(line) for line in open(out / 'train_log.jsonl')]
     assert log[0]['iter'] == 0 and log[0]['val_loss'] < 2.8   # trained weights: a fresh model starts at ln(38) = 3.6
@@ -303,10 +351,9 @@ def test_finetune_from_hf_dir(tmp_path, corpus_dir, checkpoints):
     assert ckpt['tokenizer'] == meta and ckpt['iter_num'] == 2
 
 
-def test_finetune_needs_the_models_vocabulary(tmp_path, corpus_dir, checkpoints):
-    path, _, meta = checkpoints['mha']
-    assert export(path, tmp_path / 'hf').returncode == 0
-    checkpoint = load_hf_checkpoint(str(tmp_path / 'hf'))
+def test_finetune_needs_the_models_vocabulary(tmp_path, checkpoints, exports):
+    meta = checkpoints['mha'][2]
+    checkpoint = load_hf_checkpoint(str(exports['mha', 'master']))
     other = dict(meta, chars=meta['chars'][::-1])   # same size, other characters
     with pytest.raises(HFError, match='another tokenizer'):
         check_finetuning_data(checkpoint, other, 32, 'hf:DIR', 'data/x')
@@ -317,9 +364,10 @@ def test_finetune_needs_the_models_vocabulary(tmp_path, corpus_dir, checkpoints)
         check_finetuning_data(checkpoint, meta, 64, 'hf:DIR', 'data/x')
     # through train.py: one line, exit code 2
     (tmp_path / 'other.txt').write_text('0123456789 abc\n' * 500)
-    assert run('prepare_data.py', 'other', f'--input={tmp_path / "other.txt"}', f'--data_dir={tmp_path}').returncode == 0
-    r = run('train.py', *TINY, f'--data_dir={tmp_path}', '--dataset=other', f'--out_dir={tmp_path / "out"}',
-            f'--init_from=hf:{tmp_path / "hf"}', '--max_iters=1')
+    with contextlib.redirect_stdout(io.StringIO()):
+        prepare('other', str(tmp_path / 'other.txt'), data_dir=str(tmp_path))
+    r = script('train.py', *TINY, f'--data_dir={tmp_path}', '--dataset=other', f'--out_dir={tmp_path / "out"}',
+               f'--init_from=hf:{exports["mha", "master"]}', '--max_iters=1')
     assert r.returncode == 2 and 'another tokenizer' in r.stderr and r.stderr.count('\n') == 1
 
 
@@ -329,13 +377,15 @@ def test_finetune_needs_the_models_vocabulary(tmp_path, corpus_dir, checkpoints)
 def test_export_errors(tmp_path, corpus_dir, checkpoints):
     b1 = tmp_path / 'b1.pt'
     make_checkpoint(b1, corpus_dir, steps=0, quant='b1')
-    r = export(b1, tmp_path / 'x')
+    r = run('export.py', f'--ckpt_path={b1}', f'--to={tmp_path / "x"}')   # a real process: exit code, one line
     assert r.returncode == 2 and 'b1 (binary) model cannot be exported' in r.stderr and r.stderr.count('\n') == 1
     assert not os.path.exists(tmp_path / 'x')
     odd = tmp_path / 'odd.pt'
     make_checkpoint(odd, corpus_dir, steps=0, intermediate_size=70)
     r = export(odd, tmp_path / 'x', '--variant=packed')
     assert r.returncode == 2 and 'multiple of 4' in r.stderr and '--variant=master' in r.stderr
+    r = export(checkpoints['float'][0], tmp_path / 'x', '--variant=packed')
+    assert r.returncode == 2 and 'no ternary weights to pack' in r.stderr
     r = export(tmp_path / 'nope.pt', tmp_path / 'x')
     assert r.returncode == 2 and 'no checkpoint at' in r.stderr and 'Traceback' not in r.stderr
     # a directory with someone else's files is never written into
@@ -345,22 +395,25 @@ def test_export_errors(tmp_path, corpus_dir, checkpoints):
     r = export(path, tmp_path / 'mine')
     assert r.returncode == 2 and 'did not write' in r.stderr
     assert os.listdir(tmp_path / 'mine') == ['notes.txt']
-    # an earlier export is replaced, and only its own files are touched
+    # an earlier export is replaced; of the rest, only files an export writes and its record lists go
     assert export(path, tmp_path / 'hf', '--variant=packed').returncode == 0
-    (tmp_path / 'hf' / 'README.md').write_text('my model card')
+    record = json.loads((tmp_path / 'hf' / 'export.json').read_text())
+    record['files'] += ['merges.txt', '../outside.txt']   # as if a GPT-2 export had been there
+    (tmp_path / 'hf' / 'export.json').write_text(json.dumps(record))
+    for f in ('hf/merges.txt', 'hf/README.md', 'outside.txt'):
+        (tmp_path / f).write_text('old')
     r = export(path, tmp_path / 'hf')
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / 'hf' / 'export.json').read_text())['variant'] == 'master'
-    assert (tmp_path / 'hf' / 'README.md').read_text() == 'my model card'
+    assert sorted(os.listdir(tmp_path / 'hf')) == ['README.md', 'config.json', 'export.json', 'meta.json',
+                                                   'model.safetensors', 'vocab.json']
+    assert (tmp_path / 'outside.txt').read_text() == 'old'
 
 
-def test_import_errors(tmp_path, checkpoints):
-    path, _, _ = checkpoints['mha']
-    assert export(path, tmp_path / 'good').returncode == 0
-
+def test_import_errors(tmp_path, exports):
     def broken(name, edit_config=None, remove=None):
         d = tmp_path / name
-        shutil.copytree(tmp_path / 'good', d)
+        shutil.copytree(exports['mha', 'master'], d)
         if edit_config:
             config = json.loads((d / 'config.json').read_text())
             edit_config(config)
@@ -423,3 +476,10 @@ def test_gpt2_tokenizer_export_encodes_like_tiktoken(tmp_path):
         assert tok.decode(ids) == text
     assert len(tok) == enc.n_vocab
     assert load_hf_checkpoint(str(tmp_path / 'hf'))['tokenizer'] == meta
+    # a directory without our meta.json decodes with its own tokenizer files (through transformers)
+    os.remove(tmp_path / 'hf' / 'meta.json')
+    own = load_hf_checkpoint(str(tmp_path / 'hf'))['tokenizer']
+    assert own == dict(tokenizer='hf', path=str(tmp_path / 'hf'), vocab_size=enc.n_vocab)
+    encode, decode = load_tokenizer(own)
+    assert encode("ROMEO:\nBut, soft!") == enc.encode("ROMEO:\nBut, soft!")
+    assert decode(enc.encode("ROMEO:\nBut, soft!")) == "ROMEO:\nBut, soft!"
