@@ -27,8 +27,9 @@ integrations/bitnet.py, AutoBitLinear):
 - packed, quantization_mode 'offline': weight is uint8 (out / 4, in), 2 bits a value
   (bitlinear.pack_ternary), unpacked on load to W_t in the model's dtype; weight_scale is a (1,)
   tensor, cast to the model's dtype on load, and y = F.linear(x_q, W_t) * weight_scale, so
-  weight_scale = s_w. We store it in float32 whatever the dtype, as pack.py's files do. transformers unpacks only when 4 * rows == out_features, so a layer whose
-  output size is not a multiple of 4 cannot be exported packed.
+  weight_scale = s_w (we store it in float32 whatever the dtype, as pack.py's files do).
+  transformers unpacks only when 4 * rows == out_features, so a layer whose output size is not a
+  multiple of 4 cannot be exported packed.
 - the older linear_class 'bitlinear' (the packed 2B4T release) computes y = F.linear(x_int, W_t)
   / (s_x * weight_scale): it stores weight_scale = 1 / s_w. Import reads both classes.
 
