@@ -264,6 +264,15 @@ def test_transformers_model_imports_with_equal_logits(tmp_path, kind):
     assert diff <= tol
 
 
+def test_sharded_directory_imports(tmp_path):
+    model = tiny_bitnet(tmp_path)
+    model.save_pretrained(tmp_path / 'sharded', max_shard_size='100KB')
+    assert os.path.isfile(tmp_path / 'sharded' / 'model.safetensors.index.json')
+    assert len([f for f in os.listdir(tmp_path / 'sharded') if f.endswith('.safetensors')]) > 1
+    sharded, single = (load_hf_checkpoint(str(tmp_path / d))['model'] for d in ('sharded', 'float'))
+    assert sharded.keys() == single.keys() and all(torch.equal(sharded[k], single[k]) for k in single)
+
+
 # -----------------------------------------------------------------------------
 # round trips
 
