@@ -42,7 +42,7 @@ EXPORT_FILES = {'model.safetensors', 'config.json', 'vocab.json', 'merges.txt', 
 out_dir = 'out'            # reads out_dir/ckpt.pt ...
 ckpt_path = ''             # ... unless a checkpoint file is named here
 to = ''                    # the directory to write: new, empty, or an earlier export
-variant = 'master'         # 'master' (latent float weights, quantized online) or 'packed' (2-bit weights + weight_scale)
+variant = 'master'         # 'master' (latent float weights, quantized online) or 'packed' (2-bit, weight_scale)
 dtype = 'float32'          # 'float32' (exact copy) or 'bfloat16' (half the size, as the 2B4T bf16 release)
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])

@@ -129,7 +129,7 @@ def hf_state_dict(model, variant, dtype):
 def bytes_to_unicode():
     """GPT-2's map from the 256 byte values to printable characters, the alphabet of its vocab.json
     and merges.txt (printable bytes map to themselves, the others to chr(256 + k))."""
-    keep = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+    keep = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
     chars = {b: chr(b) for b in keep}
     for k, b in enumerate(b for b in range(256) if b not in chars):
         chars[b] = chr(256 + k)
@@ -308,6 +308,8 @@ def gpt_state_dict_from_hf(tensors, model_args, linear_class, where):
             if (codes == 3).any():
                 raise HFError(f"{where}: {name} holds the 2-bit code 3, which is no ternary value: the file is damaged")
             scale = scale.float().reshape(())
+            if not (torch.isfinite(scale) and scale > 0):
+                raise HFError(f"{where}: {name}_scale is {scale.item()}, not a positive number: the file is damaged")
             s_w = scale if linear_class == 'autobitlinear' else 1.0 / scale   # 'bitlinear' stores 1 / s_w
             t = latent_from_ternary(codes.to(torch.int8) - 1, s_w)
             used.add(name + '_scale')
@@ -355,6 +357,7 @@ def check_finetuning_data(checkpoint, meta, block_size, where, data_path):
     if meta['vocab_size'] != vocab:
         raise HFError(f"{where} has a vocabulary of {vocab} tokens, {data_path} one of {meta['vocab_size']}: "
                       f"fine-tune it on a dataset prepared with the model's own tokenizer")
-    if block_size > checkpoint['model_args']['block_size']:
-        raise HFError(f"block_size {block_size} is longer than {where}'s max_position_embeddings "
-                      f"({checkpoint['model_args']['block_size']}): use --block_size={checkpoint['model_args']['block_size']} or less")
+    longest = checkpoint['model_args']['block_size']
+    if block_size > longest:
+        raise HFError(f"block_size {block_size} is longer than {where}'s max_position_embeddings ({longest}): "
+                      f"use --block_size={longest} or less")

@@ -450,6 +450,17 @@ def test_import_errors(tmp_path, exports):
     open(os.path.join(d, 'model.safetensors'), 'wb').write(weights[:len(weights) // 2])   # truncated
     with pytest.raises(HFError, match='is missing, damaged or not safetensors'):
         load_hf_checkpoint(d)
+    for name, damage, message in [('badscale', lambda t: t['model.layers.0.mlp.up_proj.weight_scale'].fill_(-1.0),
+                                   'not a positive number'),
+                                  ('badcode', lambda t: t['model.layers.0.mlp.up_proj.weight'].fill_(255),
+                                   'the 2-bit code 3')]:
+        d = tmp_path / name
+        shutil.copytree(exports['mha', 'packed'], d)
+        tensors = load_file(d / 'model.safetensors')
+        damage(tensors)
+        save_file(tensors, d / 'model.safetensors')
+        with pytest.raises(HFError, match=message):
+            load_hf_checkpoint(str(d))
     with pytest.raises(HFError, match="quantized with 'gptq'"):
         load_hf_checkpoint(broken('gptq', lambda c: c.update(quantization_config=dict(quant_method='gptq'))))
     with pytest.raises(HFError, match='no directory at'):
