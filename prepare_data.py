@@ -66,6 +66,14 @@ def load_tokenizer(meta):
     if meta['tokenizer'] == 'gpt2':
         enc = gpt2_encoding()
         return (lambda text: enc.encode(text, allowed_special={'<|endoftext|>'})), enc.decode
+    if meta['tokenizer'] == 'hf':  # the tokenizer files of a transformers directory (hf.py)
+        try:
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(meta['path'])
+        except Exception as e:
+            raise DataError(f"could not load the tokenizer of {meta['path']} with transformers "
+                            f"({type(e).__name__}): pip install transformers, or check its tokenizer files") from None
+        return tok.encode, (lambda ids: tok.decode(ids, skip_special_tokens=True))
     raise DataError(f"unknown tokenizer {meta['tokenizer']!r} in meta data")
 
 

@@ -5,6 +5,7 @@ Sample from a trained model, after checking that its weights really are ternary.
     python sample.py --ckpt_path=out/ckpt.pt --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --out_dir=out --start=FILE:prompt.txt
     python sample.py --ckpt_path=out/ckpt_packed.pt          # a packed checkpoint (pack.py)
+    python sample.py --ckpt_path=hf:DIR                      # a transformers BitNet directory (export.py)
 
 The check (bitlinear.verify_bitlinear, or packed.verify_packed for a packed checkpoint)
 prints how many BitLinear layers and weights the model has, the fraction of zeros, the size of
@@ -23,11 +24,12 @@ from bitlinear import verify_bitlinear
 from packed import is_packed, verify_packed
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from configurator import configure, fail
+from hf import load_hf_checkpoint
 from prepare_data import DataError, load_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'            # reads out_dir/ckpt.pt ...
-ckpt_path = ''             # ... unless a checkpoint file is named here
+ckpt_path = ''             # ... unless a checkpoint file (or hf:DIR, a transformers BitNet directory) is named here
 start = '\n'               # the prompt, or FILE:path to read it from a file
 num_samples = 10
 max_new_tokens = 500
@@ -54,7 +56,7 @@ torch.manual_seed(seed)
 
 path = ckpt_path or os.path.join(out_dir, 'ckpt.pt')
 try:
-    checkpoint = load_checkpoint(path, map_location='cpu')
+    checkpoint = load_hf_checkpoint(path[3:]) if path.startswith('hf:') else load_checkpoint(path, map_location='cpu')
     model = model_from_checkpoint(checkpoint, path, dropout=0.0)
 except CheckpointError as e:
     fail(str(e))

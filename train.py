@@ -27,6 +27,7 @@ from tqdm import tqdm
 import prepare_data
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import configure, fail, settings_of
+from hf import check_finetuning_data, load_hf_checkpoint
 from model import GPT, QUANT_MODES, GPTConfig, device_peak_flops
 
 # -----------------------------------------------------------------------------
@@ -37,7 +38,8 @@ log_interval = 10          # print the training loss every this many iterations
 eval_iters = 200           # batches per split in an evaluation
 eval_only = False          # evaluate once and exit
 always_save_checkpoint = False  # save at every evaluation, not only when val loss improves
-init_from = 'scratch'      # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'      # 'scratch', 'resume' (from out_dir/ckpt.pt) or 'hf:DIR' (start from the weights of a
+                           # transformers BitNetForCausalLM directory, e.g. export.py's; hf.py)
 # wandb logging (imported only when on)
 wandb_log = False
 wandb_project = 'bitnet'
@@ -90,8 +92,8 @@ if quant not in QUANT_MODES:
     fail(f"quant must be one of {', '.join(QUANT_MODES)}, got '{quant}'")
 if lr_schedule not in ('cosine', 'two_stage'):
     fail(f"lr_schedule must be 'cosine' or 'two_stage', got '{lr_schedule}'")
-if init_from not in ('scratch', 'resume'):
-    fail(f"init_from must be 'scratch' or 'resume', got '{init_from}'")
+if init_from not in ('scratch', 'resume') and not init_from.startswith('hf:'):
+    fail(f"init_from must be 'scratch', 'resume' or 'hf:DIR', got '{init_from}'")
 if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
     fail(f"dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
 if min(eval_interval, log_interval, eval_iters, batch_size, block_size, gradient_accumulation_steps) < 1:
@@ -189,6 +191,17 @@ if init_from == 'scratch':
     except ValueError as e:
         fail(str(e))
     checkpoint = None
+elif init_from.startswith('hf:'):  # a new run from a transformers directory's weights, in its vocabulary
+    if master_process and os.path.exists(ckpt_path) and not eval_only:
+        fail(f"{ckpt_path} exists and a new run would overwrite it: choose another --out_dir, or delete it")
+    try:
+        checkpoint = load_hf_checkpoint(init_from[3:])
+        check_finetuning_data(checkpoint, meta, block_size, init_from, data_path)
+        model_args = {**checkpoint['model_args'], 'dropout': dropout}
+        model = model_from_checkpoint(checkpoint, init_from, dropout=dropout)
+    except CheckpointError as e:
+        fail(str(e))
+    checkpoint = None  # a new run: no optimizer state
 else:
     try:
         checkpoint = load_checkpoint(ckpt_path, map_location=device)

@@ -1,0 +1,135 @@
+"""
+Export a checkpoint as a directory that Hugging Face transformers loads as BitNetForCausalLM
+(model_type 'bitnet', the format of BitNet b1.58 2B4T), so the model runs in transformers:
+
+    python export.py --out_dir=out-shakespeare-char --to=hf-shakespeare-char
+    python export.py --ckpt_path=out/ckpt.pt --to=hf-packed --variant=packed
+    python export.py --ckpt_path=out/ckpt_packed.pt --to=hf-packed --variant=packed   # pack.py's file
+
+and in transformers: AutoModelForCausalLM.from_pretrained('hf-packed').
+
+variant 'master' stores the latent float weights (quantization_mode 'online': transformers
+quantizes them every forward, as our BitLinear does, and can fine-tune them); 'packed' stores the
+ternary weights, 2 bits each instead of 32 (or 16), and one weight_scale per layer ('offline',
+inference only). A float baseline (quant='none') becomes a plain BitNetForCausalLM. hf.py holds
+the conversion and what transformers does with each variant.
+
+The directory gets config.json, model.safetensors, the tokenizer (GPT-2 BPE: vocab.json,
+merges.txt and tokenizer_config.json for AutoTokenizer; character-level: vocab.json,
+character -> id), meta.json (our tokenizer meta data, for importing it back with hf:DIR) and
+export.json (what was written, from which checkpoint). An existing directory is written into
+only when it is empty or holds an earlier export (export.json); nothing else in it is touched.
+"""
+
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from bitlinear import quantize_weight
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from configurator import configure, fail
+from hf import (DTYPES, VARIANTS, HFError, gpt2_tokenizer_files, gpt_state_dict_from_hf, hf_config, hf_state_dict,
+                is_projection)
+from prepare_data import DataError
+
+EXPORT_FILES = {'model.safetensors', 'config.json', 'vocab.json', 'merges.txt', 'tokenizer_config.json', 'meta.json',
+                'export.json'}  # every file export.py may write; it never deletes any other
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'            # reads out_dir/ckpt.pt ...
+ckpt_path = ''             # ... unless a checkpoint file is named here
+to = ''                    # the directory to write: new, empty, or an earlier export
+variant = 'master'         # 'master' (latent float weights, quantized online) or 'packed' (2-bit, weight_scale)
+dtype = 'float32'          # 'float32' (exact copy) or 'bfloat16' (half the size, as the 2B4T bf16 release)
+# -----------------------------------------------------------------------------
+configure(globals(), sys.argv[1:])
+if not to:
+    fail("name the directory to write: --to=DIR")
+if variant not in VARIANTS:
+    fail(f"variant must be 'master' or 'packed', got '{variant}'")
+if dtype not in DTYPES:
+    fail(f"dtype must be float32 or bfloat16, got '{dtype}'")
+
+# the target: never overwrite what export.py did not write ------------------------
+record_path = os.path.join(to, 'export.json')
+if os.path.exists(to) and not os.path.isdir(to):
+    fail(f"{to} is a file, not a directory: choose another --to")
+if os.path.isdir(to) and os.listdir(to) and not os.path.isfile(record_path):
+    fail(f"{to} holds files that export.py did not write (or an export that did not finish): "
+         f"choose a new or empty --to")
+previous = []  # files of an earlier export into the same directory
+if os.path.isfile(record_path):
+    try:
+        with open(record_path) as f:
+            previous = json.load(f)['files']
+    except (OSError, ValueError, KeyError, TypeError):
+        fail(f"{record_path} is damaged: choose a new or empty --to")
+
+# the model ------------------------------------------------------------------------
+path = ckpt_path or os.path.join(out_dir, 'ckpt.pt')
+try:
+    checkpoint = load_checkpoint(path)
+    if 'packed' in checkpoint:  # pack.py's file holds ternary weights only: latent weights that quantize to them
+        checkpoint = dict(model=gpt_state_dict_from_hf(checkpoint['packed'], checkpoint['model_args'],
+                                                       'autobitlinear', path),
+                          model_args=checkpoint['model_args'], tokenizer=checkpoint.get('tokenizer'))
+    model = model_from_checkpoint(checkpoint, path, dropout=0.0)
+except CheckpointError as e:   # HFError included
+    fail(str(e))
+meta = checkpoint.get('tokenizer')
+try:
+    config = hf_config(checkpoint['model_args'], variant, dtype, meta)
+    tensors = hf_state_dict(model, variant, dtype)
+except HFError as e:
+    fail(f"{path}: {e}")
+
+# the files: everything else first, export.json last, so a crash leaves no export.json --
+files = {'config.json': json.dumps(config, indent=2) + '\n'}
+if meta is None:
+    print(f"{path} has no tokenizer meta data: the export has no tokenizer files")
+elif meta['tokenizer'] == 'gpt2':
+    try:
+        files.update(gpt2_tokenizer_files(model.config.block_size))
+    except DataError as e:
+        fail(str(e))
+elif meta['tokenizer'] == 'char':  # transformers has no character tokenizer: id i is meta['chars'][i]
+    files['vocab.json'] = json.dumps({c: i for i, c in enumerate(meta['chars'])}, ensure_ascii=False, indent=0)
+if meta is not None:
+    files['meta.json'] = json.dumps(meta)
+os.makedirs(to, exist_ok=True)
+save_file(tensors, os.path.join(to, 'model.safetensors'), metadata={'format': 'pt'})
+for name, text in files.items():
+    with open(os.path.join(to, name), 'w', encoding='utf-8') as f:
+        f.write(text)
+written = ['model.safetensors', *files, 'export.json']
+for name in (set(previous) & EXPORT_FILES) - set(written):   # left by the earlier export (e.g. GPT-2's merges.txt)
+    if os.path.isfile(os.path.join(to, name)):
+        os.remove(os.path.join(to, name))
+record = dict(written_by='export.py', checkpoint=os.path.abspath(path), iter_num=checkpoint.get('iter_num'),
+              variant=variant, dtype=dtype, quant=model.config.quant, files=written)
+with open(record_path, 'w') as f:
+    json.dump(record, f, indent=2)
+
+# report ---------------------------------------------------------------------------
+size = os.path.getsize(os.path.join(to, 'model.safetensors'))
+mode = config.get('quantization_config', {}).get('quantization_mode')
+print(f"wrote {to}/: BitNetForCausalLM, quant={model.config.quant}, variant {variant}"
+      f"{f' (quantization_mode {mode})' if mode else ' (plain float)'}, {dtype}, "
+      f"model.safetensors {size / 1e6:.2f} MB, files: {', '.join(written)}")
+if variant == 'master' and dtype == 'bfloat16' and model.config.quant == 'b1.58':
+    # rounding the latent weights to bf16 can move a few across a rounding boundary
+    moved = total = 0
+    for name, w in model.state_dict().items():
+        if is_projection(name):
+            moved += (quantize_weight(w)[0] != quantize_weight(tensors[name])[0]).sum().item()
+            total += w.numel()
+    print(f"bfloat16 rounding changed {moved:,} of {total:,} ternary weights ({100 * moved / total:.3f}%); "
+          f"--dtype=float32 keeps them all")
+if meta is not None and meta['tokenizer'] == 'char':
+    print(f"character-level vocabulary of {len(meta['chars'])}: token id i is character i of "
+          f"meta.json's 'chars' (vocab.json maps character -> id); transformers has no tokenizer for it")
+print(f"load it with transformers.AutoModelForCausalLM.from_pretrained('{to}'), "
+      f"or here with --init_from=hf:{to} (train.py) or --ckpt_path=hf:{to} (sample.py)")
