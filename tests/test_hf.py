@@ -30,17 +30,6 @@ from packed import pack_model, save_packed
 from prepare_data import DataError, gpt2_encoding, load_tokenizer, prepare
 
 transformers = pytest.importorskip('transformers')
-from transformers.utils import import_utils  # noqa: E402
-
-# The repo's kernels.py (Triton, for packed.py) shadows the `kernels` package that transformers
-# probes for; where Triton is missing, importing it fails and takes BitNetForCausalLM down with it.
-# Probe once with the repo off sys.path: transformers caches the answer (False).
-_path = sys.path[:]
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != REPO]
-try:
-    import_utils.is_kernels_available()
-finally:
-    sys.path[:] = _path
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitNetConfig, BitNetForCausalLM  # noqa: E402
 from transformers.integrations.bitnet import pack_weights  # noqa: E402
 
