@@ -261,6 +261,7 @@ def bench_decode():
             t = statistics.median(times)
             name = variant + ((' compiled' if mode else ' eager') if cuda else '')
             if profile and cuda:
+                runner.cache.pos.fill_(prompt_len)   # a position inside the cache
                 with torch.no_grad():
                     profile_kernels(runner.step, f"decode step, {name} (no CUDA graph)", 1)
             peak = (torch.cuda.max_memory_allocated() - base) if cuda else None
