@@ -106,38 +106,18 @@ class BitLinear(nn.Linear):
     def forward(self, x):
         if self.norm is not None:
             x = self.norm(x)
-        y = TernaryMatmul.apply(x, self.weight)
+        x = x.float()  # quantize in fp32 whatever autocast does around us
+        s_x = activation_scale(x).detach()                      # (..., 1)
+        u = x * s_x
+        x_int = ste(u, u.round().clamp(-128, 127))              # integers, identity gradient
+        s_w = weight_scale(self.weight).detach()                # scalar
+        v = self.weight / s_w
+        w_t = ste(v, v.round().clamp(-1, 1))                    # {-1, 0, 1}, identity gradient
+        y = F.linear(x_int, w_t)                                # the integer product (exact)
+        y = y * (s_w / s_x).to(y.dtype)                         # rescaled
         if self.bias is not None:
             y = y + self.bias
         return y
-
-
-class TernaryMatmul(torch.autograd.Function):
-    """y = (x_int @ W_t^T) * (s_w / s_x) with the straight-through estimator's gradients,
-    dL/dx = dL/dy @ W_q and dL/dW = dL/dy^T @ x_q (W_q = W_t * s_w, x_q = x_int / s_x), written
-    out by hand: the same numbers as x + (x_q - x).detach() gives, in fewer operations, and only
-    the integer tensors (in the matmul's dtype) and two scales are kept for the backward pass."""
-
-    @staticmethod
-    def forward(ctx, x, w):
-        dev = x.device.type
-        mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w.dtype
-        x = x.float()  # quantize in fp32 whatever autocast does around us
-        s_x = activation_scale(x)                                       # (..., 1)
-        x_int = (x * s_x).round().clamp(-128, 127).to(mm_dtype)         # integers: exact in bf16 too
-        s_w = weight_scale(w)
-        w_t = (w / s_w).round().clamp(-1, 1).to(mm_dtype)               # {-1, 0, 1}
-        ctx.save_for_backward(x_int, s_x, w_t, s_w)
-        y = F.linear(x_int, w_t)                                        # the integer product (exact)
-        return y * (s_w / s_x).to(y.dtype)                              # rescaled
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x_int, s_x, w_t, s_w = ctx.saved_tensors
-        grad_x = (grad_y @ w_t.to(grad_y.dtype)).float() * s_w          # dL/dy @ W_q
-        x_q = (x_int.float() / s_x).to(grad_y.dtype)
-        grad_w = grad_y.reshape(-1, grad_y.size(-1)).t() @ x_q.reshape(-1, x_q.size(-1))   # dL/dy^T @ x_q
-        return grad_x, grad_w.float()
 
 
 # -----------------------------------------------------------------------------

@@ -49,9 +49,9 @@ from safetensors.torch import load_file
 from bitlinear import pack_ternary, quantize_weight, unpack_2bit, weight_scale
 from checkpoint import CheckpointError
 from model import GPT, GPTConfig
+from packed import PROJECTIONS  # a block's seven BitLinears
 from prepare_data import gpt2_encoding
 
-PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')  # a block's BitLinears
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
 VARIANTS = ('master', 'packed')
 ROPE_THETA_DEFAULT = 500000.0   # BitNetConfig's when config.json names none
