@@ -1,6 +1,8 @@
 # A baby GPT with BitNet b1.58 layers on tiny Shakespeare, one token per character.
 # The size of nanoGPT's shakespeare_char config: 6 layers, 6 heads, 384 wide, block 256,
-# batch 64, 5000 iterations (about 10.7M parameters, 10.6M of them in BitLinear layers).
+# batch 64 (about 10.7M parameters, 10.6M of them in BitLinear layers). Tuned on an H100
+# (README, Results): dropout 0.4 and a 4000-iteration cosine schedule gave the best
+# validation loss, 1.4444 at iteration 4000 (1.4474 with seed 2).
 out_dir = 'out-shakespeare-char'
 eval_interval = 250
 eval_iters = 200
@@ -18,12 +20,12 @@ block_size = 256
 n_layer = 6
 n_head = 6
 n_embd = 384
-dropout = 0.2
+dropout = 0.4  # this data set overfits fast: 0.2 -> best val 1.464 at iter 2000, then it climbs
 quant = 'b1.58'
 
 learning_rate = 2e-3  # ternary weights want a higher peak than float (nanoGPT: 1e-3)
-max_iters = 5000
-lr_decay_iters = 5000
+max_iters = 4000
+lr_decay_iters = 4000
 min_lr = 2e-4
 beta2 = 0.99  # a little higher than 0.95 because the batches are small
 warmup_iters = 100
