@@ -181,7 +181,7 @@ def profile_kernels(fn, title, steps, top=25):
 def random_model(quant, packed):
     """A GPT of the benchmark's shape with random weights, built on the device without ever
     allocating latent weights for the packed form."""
-    from packed import pack_model, PROJECTIONS
+    from packed import PROJECTIONS, pack_model, projection_parent
     config = GPTConfig(block_size=max(block_size, prompt_len + new_tokens), vocab_size=vocab_size, n_layer=n_layer,
                        n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size,
                        quant=quant, tie_embeddings=tie_embeddings, rope_theta=rope_theta)
@@ -192,7 +192,7 @@ def random_model(quant, packed):
         for block in model.model.layers:
             w = {}
             for name in PROJECTIONS:
-                layer = getattr(block.self_attn if name in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else block.mlp, name)
+                layer = getattr(getattr(block, projection_parent(name)), name)
                 w_t = torch.randint(-1, 2, (layer.out_features, layer.in_features), dtype=torch.int8, device=device)
                 w[name] = (w_t, torch.rand((), device=device) * 0.02 + 0.01)
             weights.append(w)

@@ -131,7 +131,7 @@ class PackedBlock(nn.Module):
         self.post_attention_layernorm = block.post_attention_layernorm
         self.self_attn, self.mlp = block.self_attn, block.mlp   # keep attn_sub_norm, ffn_sub_norm, attend()
         for name in PROJECTIONS:
-            delattr(self.self_attn if name in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else self.mlp, name)
+            delattr(getattr(self, projection_parent(name)), name)
         self.qkv = PackedLinear([weights['q_proj'], weights['k_proj'], weights['v_proj']])
         self.o = PackedLinear([weights['o_proj']], 'residual')
         self.gate_up = PackedLinear([weights['gate_proj'], weights['up_proj']], 'relu2')
@@ -150,9 +150,12 @@ class PackedBlock(nn.Module):
         return dict(zip(PROJECTIONS, pairs))
 
 
+def projection_parent(proj):
+    return 'self_attn' if proj in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'
+
+
 def projection_name(i, proj):
-    parent = 'self_attn' if proj in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'
-    return f'model.layers.{i}.{parent}.{proj}'
+    return f'model.layers.{i}.{projection_parent(proj)}.{proj}'
 
 
 @torch.no_grad()
@@ -170,7 +173,7 @@ def pack_model(model, weights=None):
         else:
             w = {}
             for name in PROJECTIONS:
-                layer = block.get_submodule(projection_name(0, name).split('.', 3)[3])
+                layer = getattr(getattr(block, projection_parent(name)), name)
                 assert isinstance(layer, BitLinear)
                 w[name] = quantize_weight(layer.weight)
         model.model.layers[i] = PackedBlock(block, w)
@@ -279,7 +282,7 @@ def load_packed(checkpoint, path='packed checkpoint'):
     for i, block in enumerate(model.model.layers):
         w = {}
         for proj in PROJECTIONS:
-            layer, name = block.get_submodule(projection_name(0, proj).split('.', 3)[3]), projection_name(i, proj)
+            layer, name = getattr(getattr(block, projection_parent(proj)), proj), projection_name(i, proj)
             expected = (-(-layer.out_features // 4), layer.in_features)
             if tuple(state[f'{name}.weight'].shape) != expected:
                 raise CheckpointError(f"{path}: {name}.weight has shape {tuple(state[f'{name}.weight'].shape)}, "
