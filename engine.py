@@ -10,8 +10,9 @@ Python values that change between tokens. That step (embedding, every block, the
 and lm_head) is compiled by torch.compile to fuse the small element-wise work, then captured
 once in a CUDA graph; each new token is one graph replay, so kernel launch overhead, which
 would otherwise dominate a batch-1 step of a 30-layer model, is paid once. The prompt is
-prefilled by the ordinary forward pass. The float model and the packed model run through the
-same engine, so their speeds compare fairly.
+prefilled by the ordinary forward pass, captured in a CUDA graph of its own per prompt length
+(the last few lengths are kept), so a repeated prompt length costs one replay. The float
+model and the packed model run through the same engine, so their speeds compare fairly.
 """
 
 import torch
@@ -43,28 +44,48 @@ class Engine:
         self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
         self.graph = None
         self.logits = None
+        self.prefills = {}  # prompt length -> (prompt buffer, CUDA graph, logits)
 
     def _step(self):
         """One decoding step: the token in self.tokens at position cache.pos -> logits (B, vocab)."""
         logits, _ = self.model(self.tokens, kv_cache=self.cache)
         return logits[:, -1, :]
 
-    def _capture(self):
-        """Warm up (compile, autotune) on a side stream, then record one step in a CUDA graph.
-        The warm-up steps write junk into cache slots past the current position, which the
-        mask hides and the real steps overwrite; the position itself is restored."""
+    def _prefill(self):
+        """The prompt in self.prompt (B, T), written into the cache from position 0 -> logits (B, vocab)."""
+        return self.model(self.prompt, kv_cache=self.cache)[0][:, -1, :]
+
+    def _capture(self, fn):
+        """Warm up fn (compile, autotune) on a side stream, then record it in a CUDA graph ->
+        (graph, its output). The warm-up runs write junk into cache slots that the real runs
+        overwrite before anything reads them; the position itself is restored."""
         pos = self.cache.pos.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):
-                self.step()
+                fn()
                 self.cache.pos.copy_(pos)
         torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
         self.cache.pos.copy_(pos)
+        return graph, out
+
+    def prefill(self, idx):
+        """Write the prompt idx (B, T) into the cache from position 0 -> last logits (B, vocab)."""
+        self.cache.pos.zero_()
+        T = idx.size(1)
+        if T not in self.prefills:
+            if len(self.prefills) >= 4:
+                del self.prefills[next(iter(self.prefills))]   # the oldest length
+            self.prompt = idx.clone()
+            self.prefills[T] = (self.prompt,) + self._capture(self._prefill)
+        prompt, graph, logits = self.prefills[T]
+        prompt.copy_(idx)
+        graph.replay()
+        return logits
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None):
@@ -74,10 +95,9 @@ class Engine:
             raise ValueError(f"this engine decodes batches of {self.batch_size}, got {B}")
         if T + max_new_tokens > self.max_len:
             raise ValueError(f"{T} + {max_new_tokens} tokens do not fit max_len {self.max_len}")
-        self.cache.pos.zero_()
-        logits = self.model(idx, kv_cache=self.cache)[0][:, -1, :]     # prefill
+        logits = self.prefill(idx)
         if self.graph is None:
-            self._capture()
+            self.graph, self.logits = self._capture(self.step)
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=self.device)
         for i in range(max_new_tokens):
             out[:, i] = sample(logits, temperature, top_k)[:, 0]

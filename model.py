@@ -166,10 +166,9 @@ class StaticKVCache(KVCache):
         """Whether attention for T new positions goes through decode() (one op per layer)."""
         return T == 1
 
-    def decode(self, layer_idx, q, k, v, n_head):
-        """q (B, 1, nh * hs), k, v (B, 1, nkv * hs), not yet rotated -> (B, 1, nh * hs)."""
-        qkv = torch.cat((q, k, v), dim=-1)[:, 0]
-        y = torch.ops.bitnet.decode_attention(qkv, self.k[layer_idx], self.v[layer_idx], self.pos,
+    def decode(self, layer_idx, qkv, n_head):
+        """qkv (B, 1, (nh + 2 nkv) * hs): q, k, v side by side, not yet rotated -> (B, 1, nh * hs)."""
+        y = torch.ops.bitnet.decode_attention(qkv[:, 0], self.k[layer_idx], self.v[layer_idx], self.pos,
                                               *self.tables, n_head)
         return y[:, None]
 
@@ -205,12 +204,13 @@ class Attention(nn.Module):
         y = self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, kv_cache)
         return self.o_proj(self.attn_sub_norm(y))
 
-    def attend(self, q, k, v, cos, sin, kv_cache=None):
+    def attend(self, q, k, v, cos, sin, kv_cache=None, qkv=None):
         """Projected q (B, T, n_embd), k, v (B, T, kv_dim) -> attention output (B, T, n_embd),
-        before attn_sub_norm and o_proj (the packed model shares this part)."""
+        before attn_sub_norm and o_proj (the packed model shares this part, and passes qkv,
+        the tensor that q, k, v are slices of, so decoding needs no copy)."""
         B, T, C = q.size()
         if kv_cache is not None and kv_cache.decodes(T):  # the engine's decoding step: one op
-            return kv_cache.decode(self.layer_idx, q, k, v, self.n_head)
+            return kv_cache.decode(self.layer_idx, torch.cat((q, k, v), dim=-1) if qkv is None else qkv, self.n_head)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)

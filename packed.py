@@ -138,8 +138,9 @@ class PackedBlock(nn.Module):
         self.down = PackedLinear([weights['down_proj']], 'residual')
 
     def forward(self, x, cos, sin, kv_cache=None):
-        q, k, v = self.qkv(x, self.input_layernorm).split(self.qkv.out_sizes, dim=-1)
-        y = self.self_attn.attend(q, k, v, cos, sin, kv_cache)
+        qkv = self.qkv(x, self.input_layernorm)
+        q, k, v = qkv.split(self.qkv.out_sizes, dim=-1)
+        y = self.self_attn.attend(q, k, v, cos, sin, kv_cache, qkv)
         x = self.o(y, self.self_attn.attn_sub_norm, residual=x)
         h = self.gate_up(x, self.post_attention_layernorm)
         return self.down(h, self.mlp.ffn_sub_norm, residual=x)

@@ -6,8 +6,10 @@ Decode (M <= 16 rows): one Triton kernel does the whole layer for each row of x:
   1. RMSNorm of the row (optional) and its absmax: every program reads the full input row,
      which is at most a few KB and sits in L2, so no separate kernel or global sync is needed;
   2. the int8 activations times the 2-bit weights: each program owns BLOCK_R packed rows, i.e.
-     4 * BLOCK_R outputs (rows r, r + R, r + 2R, r + 3R), streams their bytes along K once,
-     and accumulates exact integer sums in float32;
+     4 * BLOCK_R outputs (rows r, r + R, r + 2R, r + 3R), streams their bytes along K once as
+     int32 words, and accumulates exact integer sums with dp4a (four int8 products per
+     instruction): the 2-bit codes c = w + 1 of one row sit in a word's bytes after a shift
+     and a mask, and sum(x * w) = sum(x * c) - sum(x);
   3. the epilogue: rescale by row_scale / s_x, then add the residual or apply relu(gate)^2 * up.
 The weight bytes are read exactly once per row of x, which is what bounds decode speed.
 
@@ -53,23 +55,41 @@ def _store_rows(y, y_ptr, res_ptr, m, rows, mask, N, EPILOGUE: tl.constexpr):
     tl.store(y_ptr + m * N + rows, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _dp4a(a, b, acc, ASM: tl.constexpr):
+    """acc + the dot product of the 4 bytes of a (unsigned) and of b (signed), word by word:
+    one dp4a instruction on the GPU; the same sum spelled out for Triton's CPU interpreter."""
+    if ASM:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, acc],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        for j in tl.static_range(4):
+            acc += ((a >> (8 * j)) & 255) * ((b << (24 - 8 * j)) >> 24)
+        return acc
+
+
 @triton.autotune(
     configs=[
-        triton.Config({'BLOCK_R': 2, 'BLOCK_K': 512}, num_warps=4),
-        triton.Config({'BLOCK_R': 4, 'BLOCK_K': 256}, num_warps=4),
-        triton.Config({'BLOCK_R': 4, 'BLOCK_K': 512}, num_warps=4),
-        triton.Config({'BLOCK_R': 8, 'BLOCK_K': 256}, num_warps=4),
-        triton.Config({'BLOCK_R': 8, 'BLOCK_K': 128}, num_warps=2),
-        triton.Config({'BLOCK_R': 16, 'BLOCK_K': 128}, num_warps=4),
+        triton.Config({'BLOCK_R': 2, 'BLOCK_W': 256}, num_warps=4),
+        triton.Config({'BLOCK_R': 4, 'BLOCK_W': 128}, num_warps=4),
+        triton.Config({'BLOCK_R': 4, 'BLOCK_W': 256}, num_warps=4),
+        triton.Config({'BLOCK_R': 8, 'BLOCK_W': 64}, num_warps=4),
+        triton.Config({'BLOCK_R': 8, 'BLOCK_W': 128}, num_warps=4),
+        triton.Config({'BLOCK_R': 16, 'BLOCK_W': 64}, num_warps=4),
+        triton.Config({'BLOCK_R': 16, 'BLOCK_W': 128}, num_warps=8),
+        triton.Config({'BLOCK_R': 32, 'BLOCK_W': 32}, num_warps=4),
     ],
-    key=['R', 'K'],
+    key=['R', 'K', 'DECODE'],
 )
 @triton.jit
 def packed_gemv_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
-                       K, R, N, eps,
+                       K, R, N, eps, DECODE,
                        HAS_NORM: tl.constexpr, X_LOWP: tl.constexpr, NORM_LOWP: tl.constexpr,
-                       EPILOGUE: tl.constexpr, BLOCK_X: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                       EPILOGUE: tl.constexpr, BLOCK_X: tl.constexpr, ASM: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """w_ptr: the packed bytes (R, K) read as int32 words (K % 4 == 0): word (r, j) holds the
+    2-bit codes (w + 1) of rows r, r + R, r + 2R, r + 3R at k = 4j .. 4j + 3, byte by byte.
+    DECODE (M == 1) only keys the autotuner: one row and a short prefill are tuned apart."""
     pid = tl.program_id(0)
     m = tl.program_id(1)
     x_row = x_ptr + m * K
@@ -89,30 +109,39 @@ def packed_gemv_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
         amax = tl.maximum(amax, tl.abs(xk))
     s_x = 127.0 / tl.maximum(tl.max(amax, axis=0), 1e-5)
 
-    # 2. int8 activations times 2-bit weights: exact integer sums in float32
+    # 2. int8 activations, 4 to a word, against the words of 2-bit codes: with codes c = w + 1,
+    #    sum(x * w) = sum(x * c) - sum(x), so each byte of codes goes into dp4a as it is
+    K4 = K // 4
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
-    acc0 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
+    offs_w = tl.arange(0, BLOCK_W)
+    shifts = 8 * tl.arange(0, 4)
+    acc0 = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.int32)
+    acc1 = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.int32)
+    acc2 = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.int32)
+    acc3 = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.int32)
+    x_sum = tl.zeros([BLOCK_W], dtype=tl.int32)
+    for w0 in range(0, K4, BLOCK_W):
+        ww = w0 + offs_w
+        kk = 4 * ww[:, None] + tl.arange(0, 4)[None, :]                              # (BLOCK_W, 4)
         xk = _load_input(x_row, norm_ptr, kk, K, rstd, HAS_NORM, X_LOWP, NORM_LOWP)
-        xq = tl.minimum(tl.maximum(libdevice.rint(xk * s_x), -128.0), 127.0)[None, :]
-        p = tl.load(w_ptr + offs_r[:, None] * K + kk[None, :],
-                    mask=(offs_r[:, None] < R) & (kk[None, :] < K), other=0).to(tl.int32)
-        acc0 += ((p & 3) - 1).to(tl.float32) * xq          # rows r
-        acc1 += (((p >> 2) & 3) - 1).to(tl.float32) * xq   # rows r + R
-        acc2 += (((p >> 4) & 3) - 1).to(tl.float32) * xq   # rows r + 2R
-        acc3 += (((p >> 6) & 3) - 1).to(tl.float32) * xq   # rows r + 3R
+        xq = tl.minimum(tl.maximum(libdevice.rint(xk * s_x), -128.0), 127.0).to(tl.int32)
+        x_sum += tl.sum(xq, axis=1)
+        xw = tl.sum((xq & 255) << shifts[None, :], axis=1)      # 4 int8 in a word (disjoint bytes)
+        xw = tl.broadcast_to(xw[None, :], (BLOCK_R, BLOCK_W))
+        p = tl.load(w_ptr + offs_r[:, None] * K4 + ww[None, :],
+                    mask=(offs_r[:, None] < R) & (ww[None, :] < K4), other=0)
+        acc0 = _dp4a(p & 0x03030303, xw, acc0, ASM)            # rows r
+        acc1 = _dp4a((p >> 2) & 0x03030303, xw, acc1, ASM)     # rows r + R
+        acc2 = _dp4a((p >> 4) & 0x03030303, xw, acc2, ASM)     # rows r + 2R
+        acc3 = _dp4a((p >> 6) & 0x03030303, xw, acc3, ASM)     # rows r + 3R
+    x_total = tl.sum(x_sum, axis=0)
 
     # 3. rescale (row_scale / s_x, the order the training form uses) and the epilogue
     rmask = offs_r < R
-    y0 = tl.sum(acc0, axis=1) * (tl.load(scale_ptr + offs_r, mask=rmask, other=0.0) / s_x)
-    y1 = tl.sum(acc1, axis=1) * (tl.load(scale_ptr + offs_r + R, mask=rmask, other=0.0) / s_x)
-    y2 = tl.sum(acc2, axis=1) * (tl.load(scale_ptr + offs_r + 2 * R, mask=rmask, other=0.0) / s_x)
-    y3 = tl.sum(acc3, axis=1) * (tl.load(scale_ptr + offs_r + 3 * R, mask=rmask, other=0.0) / s_x)
+    y0 = (tl.sum(acc0, axis=1) - x_total).to(tl.float32) * (tl.load(scale_ptr + offs_r, mask=rmask, other=0.0) / s_x)
+    y1 = (tl.sum(acc1, axis=1) - x_total).to(tl.float32) * (tl.load(scale_ptr + offs_r + R, mask=rmask, other=0.0) / s_x)
+    y2 = (tl.sum(acc2, axis=1) - x_total).to(tl.float32) * (tl.load(scale_ptr + offs_r + 2 * R, mask=rmask, other=0.0) / s_x)
+    y3 = (tl.sum(acc3, axis=1) - x_total).to(tl.float32) * (tl.load(scale_ptr + offs_r + 3 * R, mask=rmask, other=0.0) / s_x)
     if EPILOGUE == 2:  # fused [gate; up], N = 2R: relu(gate)^2 * up for outputs r and r + R
         g0 = tl.maximum(y0, 0.0)
         g1 = tl.maximum(y1, 0.0)
@@ -166,6 +195,8 @@ def packed_linear_cuda(x, norm_weight, packed, row_scale, residual, out_features
     if M > 16:
         return packed_linear_reference(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps,
                                        matmul=int8_matmul)
+    if K % 4 or not packed.is_contiguous() or packed.data_ptr() % 4:   # the kernel reads int32 words
+        return packed_linear_reference(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps)
     x = x.contiguous()
     R = packed.size(0)
     y = torch.empty(M, out_features, device=x.device, dtype=x.dtype)
@@ -173,10 +204,10 @@ def packed_linear_cuda(x, norm_weight, packed, row_scale, residual, out_features
     lowp = x.dtype in (torch.bfloat16, torch.float16)
     grid = lambda meta: (triton.cdiv(R, meta['BLOCK_R']), M)
     packed_gemv_kernel[grid](
-        x, norm_weight if has_norm else x, packed, row_scale, residual.contiguous() if epilogue == 1 else y, y,
-        K, R, out_features, eps,
+        x, norm_weight if has_norm else x, packed.view(torch.int32), row_scale,
+        residual.contiguous() if epilogue == 1 else y, y, K, R, out_features, eps, int(M == 1),
         HAS_NORM=has_norm, X_LOWP=lowp, NORM_LOWP=lowp and has_norm and norm_weight.dtype == x.dtype,
-        EPILOGUE=epilogue, BLOCK_X=1024)
+        EPILOGUE=epilogue, BLOCK_X=min(triton.next_power_of_2(K), 8192), ASM=True)
     return y
 
 

@@ -26,7 +26,7 @@ def random_packed_inputs(M, K, out, epilogue, dtype, norm, seed):
 
 
 @pytest.mark.parametrize('M', [1, 3, 40])
-@pytest.mark.parametrize('K,out', [(64, 64), (200, 13), (2560, 96)])
+@pytest.mark.parametrize('K,out', [(64, 64), (200, 13), (2560, 96), (202, 8)])   # 202: not words, the fallback
 @pytest.mark.parametrize('epilogue', [0, 1, 2])
 def test_kernel_matches_reference_without_norm(M, K, out, epilogue):
     from packed import packed_linear, packed_linear_reference
@@ -110,7 +110,11 @@ def test_engine_greedy_equals_generate(packed, compile):
         expected = model.generate(prompt, 100, temperature=0)
     engine = Engine(model, max_len=107, dtype=torch.float32, compile=compile)
     assert torch.equal(engine.generate(prompt, 100), expected)
-    assert torch.equal(engine.generate(prompt, 100), expected)   # replaying the captured graph again
+    assert torch.equal(engine.generate(prompt, 100), expected)   # replaying the captured graphs again
+    other = torch.randint(80, (1, 30), device='cuda')             # another prompt length: a new prefill graph
+    with torch.no_grad():
+        assert torch.equal(engine.generate(other, 50), model.generate(other, 50, temperature=0))
+    assert torch.equal(engine.generate(prompt, 100), expected)
 
 
 def GPT_training_logits(checkpoint, idx):
