@@ -3,15 +3,18 @@ CUDA implementation of torch.ops.bitnet.packed_linear (packed.py), registered fo
 this module is imported (packed.py does so when a GPU and Triton are there).
 
 Decode (M <= 16 rows): one Triton kernel does the whole layer for each row of x:
-  1. RMSNorm of the row (optional) and its absmax: every program reads the full input row,
-     which is at most a few KB and sits in L2, so no separate kernel or global sync is needed;
-  2. the int8 activations times the 2-bit weights: each program owns BLOCK_R packed rows, i.e.
-     4 * BLOCK_R outputs (rows r, r + R, r + 2R, r + 3R), streams their bytes along K once as
-     int32 words, and accumulates exact integer sums with dp4a (four int8 products per
+  1. RMSNorm of the row (optional), its absmax and its int8 quantization: every program reads
+     the full input row, which is at most a few KB and sits in L2, so no separate kernel or
+     global sync is needed;
+  2. the int8 activations times the 2-bit weights: a program owns tiles of BLOCK_R packed
+     rows, i.e. 4 * BLOCK_R outputs (rows r, r + R, r + 2R, r + 3R), reads their bytes once
+     as int32 words, and accumulates exact integer sums with dp4a (four int8 products per
      instruction): the 2-bit codes c = w + 1 of one row sit in a word's bytes after a shift
      and a mask, and sum(x * w) = sum(x * c) - sum(x);
   3. the epilogue: rescale by row_scale / s_x, then add the residual or apply relu(gate)^2 * up.
-The weight bytes are read exactly once per row of x, which is what bounds decode speed.
+packed_gemv_row_kernel holds a whole row (K <= 8192) in registers and is persistent (a few
+programs per SM walk over the tiles, the next tile always in flight); packed_gemv_kernel loops
+over K for wider rows. The weight bytes are read exactly once per row of x.
 
 Decode attention (torch.ops.bitnet.decode_attention, model.py): one program per (kv head,
 sequence) streams the cached keys and values of positions 0 .. pos once, for all the query
@@ -21,6 +24,8 @@ Prefill (M > 16): the weights are unpacked to int8 once per call and multiplied 
 tensor cores (torch._int_mm, int32 accumulation, exact), then rescaled; bench.py compares it
 with unpacking to bfloat16 and a bfloat16 matmul.
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +71,77 @@ def _dp4a(a, b, acc, ASM: tl.constexpr):
         for j in tl.static_range(4):
             acc += ((a >> (8 * j)) & 255) * ((b << (24 - 8 * j)) >> 24)
         return acc
+
+
+@triton.jit
+def _finish(c0, c1, c2, c3, x_total, s_x, scale_ptr, res_ptr, y_ptr, m, offs_r, R, N, EPILOGUE: tl.constexpr):
+    """Row sums of x * codes for rows r, r + R, r + 2R, r + 3R -> the outputs: subtract sum(x)
+    (codes are w + 1), rescale by row_scale / s_x (the order the training form uses), epilogue."""
+    rmask = offs_r < R
+    y0 = (c0 - x_total).to(tl.float32) * (tl.load(scale_ptr + offs_r, mask=rmask, other=0.0) / s_x)
+    y1 = (c1 - x_total).to(tl.float32) * (tl.load(scale_ptr + offs_r + R, mask=rmask, other=0.0) / s_x)
+    y2 = (c2 - x_total).to(tl.float32) * (tl.load(scale_ptr + offs_r + 2 * R, mask=rmask, other=0.0) / s_x)
+    y3 = (c3 - x_total).to(tl.float32) * (tl.load(scale_ptr + offs_r + 3 * R, mask=rmask, other=0.0) / s_x)
+    if EPILOGUE == 2:  # fused [gate; up], N = 2R: relu(gate)^2 * up for outputs r and r + R
+        g0 = tl.maximum(y0, 0.0)
+        g1 = tl.maximum(y1, 0.0)
+        _store_rows(g0 * g0 * y2, y_ptr, res_ptr, m, offs_r, rmask, N, 0)
+        _store_rows(g1 * g1 * y3, y_ptr, res_ptr, m, offs_r + R, rmask, N, 0)
+    else:
+        _store_rows(y0, y_ptr, res_ptr, m, offs_r, rmask & (offs_r < N), N, EPILOGUE)
+        _store_rows(y1, y_ptr, res_ptr, m, offs_r + R, rmask & (offs_r + R < N), N, EPILOGUE)
+        _store_rows(y2, y_ptr, res_ptr, m, offs_r + 2 * R, rmask & (offs_r + 2 * R < N), N, EPILOGUE)
+        _store_rows(y3, y_ptr, res_ptr, m, offs_r + 3 * R, rmask & (offs_r + 3 * R < N), N, EPILOGUE)
+
+
+@triton.autotune(
+    configs=[triton.Config({'BLOCK_R': r, 'WAVES': v}, num_warps=w)
+             for r in (1, 2, 4) for w in (4, 8) for v in (1, 2, 4)],
+    key=['R', 'K', 'DECODE'],
+)
+@triton.jit
+def packed_gemv_row_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
+                           K, R, N, eps, DECODE,
+                           HAS_NORM: tl.constexpr, X_LOWP: tl.constexpr, NORM_LOWP: tl.constexpr,
+                           EPILOGUE: tl.constexpr, BLOCK_W: tl.constexpr, ASM: tl.constexpr,
+                           BLOCK_R: tl.constexpr, WAVES: tl.constexpr):
+    """packed_gemv_kernel for rows that fit in registers (K <= 4 * BLOCK_W), persistent: a few
+    programs per SM (WAVES) each quantize the row once and then walk over tiles of BLOCK_R
+    packed rows, tile t, t + programs, ... The next tile's words are always in flight while
+    the current one is multiplied, and the first tile's while the activations are prepared:
+    a decoding step is a chain of such small kernels, so their latency is what counts."""
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    programs = tl.num_programs(0)
+    K4 = K // 4
+    offs_b = tl.arange(0, BLOCK_R)
+    offs_w = tl.arange(0, BLOCK_W)
+    rows = pid * BLOCK_R + offs_b
+    p_next = tl.load(w_ptr + rows[:, None] * K4 + offs_w[None, :],
+                     mask=(rows[:, None] < R) & (offs_w[None, :] < K4), other=0)
+    kk = 4 * offs_w[:, None] + tl.arange(0, 4)[None, :]                              # (BLOCK_W, 4)
+    x_row = x_ptr + m * K
+    rstd = 1.0
+    if HAS_NORM:
+        xk = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(xk * xk, axis=1), axis=0) / K + eps)
+    xk = _load_input(x_row, norm_ptr, kk, K, rstd, HAS_NORM, X_LOWP, NORM_LOWP)
+    s_x = 127.0 / tl.maximum(tl.max(tl.max(tl.abs(xk), axis=1), axis=0), 1e-5)
+    xq = tl.minimum(tl.maximum(libdevice.rint(xk * s_x), -128.0), 127.0).to(tl.int32)
+    x_total = tl.sum(tl.sum(xq, axis=1), axis=0)
+    xw = tl.sum((xq & 255) << (8 * tl.arange(0, 4))[None, :], axis=1)
+    xw = tl.broadcast_to(xw[None, :], (BLOCK_R, BLOCK_W))
+    zero = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.int32)
+    for t in range(pid, tl.cdiv(R, BLOCK_R), programs):
+        p = p_next
+        rows = (t + programs) * BLOCK_R + offs_b
+        p_next = tl.load(w_ptr + rows[:, None] * K4 + offs_w[None, :],
+                         mask=(rows[:, None] < R) & (offs_w[None, :] < K4), other=0)
+        _finish(tl.sum(_dp4a(p & 0x03030303, xw, zero, ASM), axis=1),
+                tl.sum(_dp4a((p >> 2) & 0x03030303, xw, zero, ASM), axis=1),
+                tl.sum(_dp4a((p >> 4) & 0x03030303, xw, zero, ASM), axis=1),
+                tl.sum(_dp4a((p >> 6) & 0x03030303, xw, zero, ASM), axis=1),
+                x_total, s_x, scale_ptr, res_ptr, y_ptr, m, t * BLOCK_R + offs_b, R, N, EPILOGUE)
 
 
 @triton.autotune(
@@ -134,24 +210,8 @@ def packed_gemv_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
         acc1 = _dp4a((p >> 2) & 0x03030303, xw, acc1, ASM)     # rows r + R
         acc2 = _dp4a((p >> 4) & 0x03030303, xw, acc2, ASM)     # rows r + 2R
         acc3 = _dp4a((p >> 6) & 0x03030303, xw, acc3, ASM)     # rows r + 3R
-    x_total = tl.sum(x_sum, axis=0)
-
-    # 3. rescale (row_scale / s_x, the order the training form uses) and the epilogue
-    rmask = offs_r < R
-    y0 = (tl.sum(acc0, axis=1) - x_total).to(tl.float32) * (tl.load(scale_ptr + offs_r, mask=rmask, other=0.0) / s_x)
-    y1 = (tl.sum(acc1, axis=1) - x_total).to(tl.float32) * (tl.load(scale_ptr + offs_r + R, mask=rmask, other=0.0) / s_x)
-    y2 = (tl.sum(acc2, axis=1) - x_total).to(tl.float32) * (tl.load(scale_ptr + offs_r + 2 * R, mask=rmask, other=0.0) / s_x)
-    y3 = (tl.sum(acc3, axis=1) - x_total).to(tl.float32) * (tl.load(scale_ptr + offs_r + 3 * R, mask=rmask, other=0.0) / s_x)
-    if EPILOGUE == 2:  # fused [gate; up], N = 2R: relu(gate)^2 * up for outputs r and r + R
-        g0 = tl.maximum(y0, 0.0)
-        g1 = tl.maximum(y1, 0.0)
-        _store_rows(g0 * g0 * y2, y_ptr, res_ptr, m, offs_r, rmask, N, 0)
-        _store_rows(g1 * g1 * y3, y_ptr, res_ptr, m, offs_r + R, rmask, N, 0)
-    else:
-        _store_rows(y0, y_ptr, res_ptr, m, offs_r, rmask & (offs_r < N), N, EPILOGUE)
-        _store_rows(y1, y_ptr, res_ptr, m, offs_r + R, rmask & (offs_r + R < N), N, EPILOGUE)
-        _store_rows(y2, y_ptr, res_ptr, m, offs_r + 2 * R, rmask & (offs_r + 2 * R < N), N, EPILOGUE)
-        _store_rows(y3, y_ptr, res_ptr, m, offs_r + 3 * R, rmask & (offs_r + 3 * R < N), N, EPILOGUE)
+    _finish(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), tl.sum(acc3, axis=1),
+            tl.sum(x_sum, axis=0), s_x, scale_ptr, res_ptr, y_ptr, m, offs_r, R, N, EPILOGUE)
 
 
 @triton.jit
@@ -189,6 +249,14 @@ def bf16_matmul(x_int, packed, rows):
     return F.linear(x_int.to(torch.bfloat16), unpack_ternary(packed, rows).to(torch.bfloat16)).float()
 
 
+@functools.cache
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+ROW_WORDS = 2048   # rows of up to 4 * ROW_WORDS inputs go through packed_gemv_row_kernel
+
+
 @packed_linear.register_kernel('cuda')
 def packed_linear_cuda(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps):
     M, K = x.shape
@@ -203,11 +271,15 @@ def packed_linear_cuda(x, norm_weight, packed, row_scale, residual, out_features
     has_norm = norm_weight.numel() > 0
     lowp = x.dtype in (torch.bfloat16, torch.float16)
     grid = lambda meta: (triton.cdiv(R, meta['BLOCK_R']), M)
-    packed_gemv_kernel[grid](
-        x, norm_weight if has_norm else x, packed.view(torch.int32), row_scale,
-        residual.contiguous() if epilogue == 1 else y, y, K, R, out_features, eps, int(M == 1),
-        HAS_NORM=has_norm, X_LOWP=lowp, NORM_LOWP=lowp and has_norm and norm_weight.dtype == x.dtype,
-        EPILOGUE=epilogue, BLOCK_X=min(triton.next_power_of_2(K), 8192), ASM=True)
+    persistent = lambda meta: (min(triton.cdiv(R, meta['BLOCK_R']), meta['WAVES'] * _sm_count(x.device)), M)
+    args = (x, norm_weight if has_norm else x, packed.view(torch.int32), row_scale,
+            residual.contiguous() if epilogue == 1 else y, y, K, R, out_features, eps, int(M == 1))
+    flags = dict(HAS_NORM=has_norm, X_LOWP=lowp, NORM_LOWP=lowp and has_norm and norm_weight.dtype == x.dtype,
+                 EPILOGUE=epilogue, ASM=True)
+    if K <= 4 * ROW_WORDS:
+        packed_gemv_row_kernel[persistent](*args, BLOCK_W=triton.next_power_of_2(K // 4), **flags)
+    else:
+        packed_gemv_kernel[grid](*args, BLOCK_X=min(triton.next_power_of_2(K), 8192), **flags)
     return y
 
 
@@ -292,9 +364,10 @@ def decode_attention_cuda(qkv, k_cache, v_cache, pos, cos, sin, n_head):
         return decode_attention_reference(qkv, k_cache, v_cache, pos, cos, sin, n_head)
     out = torch.empty(B, n_head * HD, device=qkv.device, dtype=qkv.dtype)
     G = n_head // NKV
+    ieee = k_cache.dtype == torch.float32   # float32 tiles of 128 positions need too much shared memory
     decode_attention_kernel[(NKV, B)](
         qkv, k_cache, v_cache, out, pos, cos, sin, HD ** -0.5,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NH=n_head, NKV=NKV, G=G, HD=HD, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=64,
-        IEEE=k_cache.dtype == torch.float32, num_warps=4)
+        NH=n_head, NKV=NKV, G=G, HD=HD, BLOCK_G=max(16, triton.next_power_of_2(G)),
+        BLOCK_N=64 if ieee else 128, IEEE=ieee, num_warps=4 if ieee else 8)
     return out

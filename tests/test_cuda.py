@@ -26,7 +26,7 @@ def random_packed_inputs(M, K, out, epilogue, dtype, norm, seed):
 
 
 @pytest.mark.parametrize('M', [1, 3, 40])
-@pytest.mark.parametrize('K,out', [(64, 64), (200, 13), (2560, 96), (202, 8)])   # 202: not words, the fallback
+@pytest.mark.parametrize('K,out', [(64, 64), (200, 13), (2560, 96), (202, 8), (8200, 24)])   # 202: the fallback; 8200: the loop kernel
 @pytest.mark.parametrize('epilogue', [0, 1, 2])
 def test_kernel_matches_reference_without_norm(M, K, out, epilogue):
     from packed import packed_linear, packed_linear_reference
