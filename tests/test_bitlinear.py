@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitlinear import (BitLinear, BitLinear1b, RMSNorm, bitlinear_report, pack_ternary, quantize_activation,
-                       quantize_activation_1b, quantize_weight, quantize_weight_1b, unpack_2bit, unpack_ternary,
-                       verify_bitlinear)
+from bitlinear import (BitLinear, BitLinear1b, RMSNorm, TernaryMatmul, bitlinear_report, pack_ternary,
+                       quantize_activation, quantize_activation_1b, quantize_weight, quantize_weight_1b, unpack_2bit,
+                       unpack_ternary, verify_bitlinear)
 
 
 # --- b1.58 quantizers against hand-computed values ----------------------------------
@@ -68,6 +68,85 @@ def test_bitlinear_ste_gradients_are_the_identity():
     w_q, x_q = w_t.float() * s_w, x_int.float() / s_x
     assert torch.allclose(x.grad, g @ w_q, atol=1e-6)             # dy/dx = W_q
     assert torch.allclose(layer.weight.grad, g.t() @ x_q, atol=1e-5)  # dy/dW = x_q
+
+
+def ste_reference(x, w):
+    """The b1.58 layer in the straight-through form, written out here: x_int = ste(u, round(u)),
+    W_t = ste(v, round(v)), scales detached, y = (x_int @ W_t^T) * (s_w / s_x)."""
+    x = x.float()
+    s_x = (127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)).detach()
+    u = x * s_x
+    x_int = u + (u.round().clamp(-128, 127) - u).detach()
+    s_w = w.abs().mean().clamp(min=1e-5).detach()
+    v = w / s_w
+    w_t = v + (v.round().clamp(-1, 1) - v).detach()
+    y = F.linear(x_int, w_t)
+    return y * (s_w / s_x).to(y.dtype)
+
+
+def hand_made():
+    """x (2, 3, 4), W (3, 4), dL/dy (2, 3, 3): rounding ties, clamped values, zeros, an all-zero row."""
+    x = torch.tensor([[[2.0, -1.0, 0.25, 0.0],     # s_x = 63.5: u = [127, -63.5 (tie: -64), 15.875, 0]
+                       [0.0, 0.0, 0.0, 0.0],       # max|x| = 0, clamped to 1e-5
+                       [1e-7, -2e-6, 0.0, 0.0]],   # max|x| < 1e-5: u = [1.27, -25.4, 0, 0]
+                      [[0.3, -0.7, 0.1, 0.5],
+                       [-4.0, 2.0, 1.0, -0.5],     # s_x = 31.75: u = [-127, 63.5 (tie: 64), 31.75, -15.875]
+                       [1.0, 1.0, -1.0, 1.0]]])
+    # mean|W| = 6 / 12 = 0.5, W / s_w = [0.5, -0.5, 1.5, -2 | 4, 0, -1, 0.25 | 0.75, -0.25, 1, -0.25]:
+    # W_t = [0, 0, 1, -1 | 1, 0, -1, 0 | 1, 0, 1, 0] (ties at +-0.5 round to 0)
+    w = torch.tensor([[0.25, -0.25, 0.75, -1.0], [2.0, 0.0, -0.5, 0.125], [0.375, -0.125, 0.5, -0.125]])
+    g = torch.linspace(-1, 1, 18).reshape(2, 3, 3)
+    return x, w, g
+
+
+def random_case():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, 96, generator=gen) * torch.rand(4, 16, 1, generator=gen) * 3
+    return x, torch.randn(48, 96, generator=gen) * 0.02, torch.randn(4, 16, 48, generator=gen)
+
+
+def forward_backward(fn, x, w, g, dtype=None):
+    """(y, dL/dx, dL/dW) of y = fn(x, w), under CPU autocast to dtype if one is given."""
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        y = fn(x, w)
+    y.backward(g.to(y.dtype))
+    return y, x.grad, w.grad
+
+
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16, torch.float16],
+                         ids=['float32', 'autocast-bf16', 'autocast-fp16'])
+@pytest.mark.parametrize('case', [hand_made, random_case], ids=['hand_made', 'random'])
+def test_ternary_matmul_equals_the_ste_form(case, dtype):
+    x, w, g = case()
+    ours = forward_backward(TernaryMatmul.apply, x, w, g, dtype)
+    assert ours[0].dtype == (dtype or torch.float32) and ours[1].dtype == ours[2].dtype == torch.float32
+    for a, b in zip(ours, forward_backward(ste_reference, x, w, g, dtype)):   # y, dL/dx, dL/dW
+        assert torch.equal(a, b)   # bit for bit
+    if case is hand_made and dtype is None:   # x_int @ W_t^T * (s_w / s_x) by hand
+        assert ours[0][0, 0].tolist() == pytest.approx([16 / 127, 111 / 127, 143 / 127])
+        assert ours[0][1, 1].tolist() == pytest.approx([48 / 63.5, -159 / 63.5, -95 / 63.5])
+        assert ours[0][0, 1].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_ternary_matmul_one_gradient():
+    """A frozen weight, or an input that needs no gradient: the other gradient alone, the same numbers."""
+    x, w, g = hand_made()
+    _, x_grad, w_grad = forward_backward(ste_reference, x, w, g)
+    x_only, w_only = x.clone().requires_grad_(), w.clone().requires_grad_()
+    TernaryMatmul.apply(x_only, w).backward(g)
+    TernaryMatmul.apply(x, w_only).backward(g)
+    assert torch.equal(x_only.grad, x_grad) and torch.equal(w_only.grad, w_grad)
+
+
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16], ids=['float32', 'autocast-bf16'])
+def test_ternary_matmul_under_torch_compile(dtype):
+    """torch.compile traces the Function into one graph (dynamo, AOT autograd) with the same numbers.
+    The aot_eager backend runs that graph without generating C++ (seconds, not a minute)."""
+    x, w, g = random_case()
+    compiled = torch.compile(TernaryMatmul.apply, backend='aot_eager', fullgraph=True)
+    for a, b in zip(forward_backward(compiled, x, w, g, dtype), forward_backward(ste_reference, x, w, g, dtype)):
+        assert torch.equal(a, b)
 
 
 def test_bitlinear_rms_norm_option():

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bitlinear import quantize_weight
+from bitlinear import BitLinear, activation_scale, quantize_activation, quantize_weight
 from checkpoint import model_from_checkpoint, save_checkpoint
 from conftest import REPO, TINY, run
 from hf import HFError, check_finetuning_data, is_projection, load_hf_checkpoint
@@ -35,6 +35,7 @@ from transformers.integrations.bitnet import pack_weights  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 RTOL = 1e-5   # logits agree within RTOL * max(1, max|logits|) (float32)
+MAX_FLIPS = 3   # integer activations allowed to round the other way at a boundary (see logit_diff)
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -97,13 +98,72 @@ def probe(vocab_size, T=32):
     return torch.randint(vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
 
 
+def rounding_flips(name, x_ours, x_theirs):
+    """[(index, transformers' integer)] where the b1.58 integer activations of the two inputs to
+    projection name differ, each checked to be a rounding-boundary flip: the integers are 1 apart and
+    both u = x * s_x lie within 1e-3 of the boundary between them."""
+    (q_ours, s_ours), (q_theirs, s_theirs) = quantize_activation(x_ours), quantize_activation(x_theirs)
+    where = q_ours != q_theirs
+    boundary = (q_ours.float() + q_theirs.float()) / 2
+    flip = (((q_ours.float() - q_theirs.float()).abs() == 1) & ((x_ours.float() * s_ours - boundary).abs() < 1e-3)
+            & ((x_theirs.float() * s_theirs - boundary).abs() < 1e-3))
+    assert flip[where].all(), f"{name}: integer activations differ, and not by a rounding-boundary flip"
+    return [(tuple(i.tolist()), q_theirs[tuple(i)].item()) for i in where.nonzero()]
+
+
 @torch.no_grad()
 def logit_diff(ours, theirs, idx):
-    """(max |our logits - transformers' logits|, tolerance) over every position of idx."""
-    a = ours(idx, idx)[0]               # with targets: logits at every position
-    b = theirs(idx).logits
+    """(max |our logits - transformers' logits| over every position of idx, tolerance, flips).
+
+    A b1.58 projection rounds u = x * 127 / max|x| to an integer. Where u sits on a rounding boundary
+    (k + 0.5 up to float32 noise), the two implementations' different operation order before it may
+    round it either way, and that one integer moves some logits by ~1e-3. So the first projection (in
+    forward order) whose integer activations differ from transformers' is found, every difference
+    must be such a flip (rounding_flips), our activation there is set to transformers' integer, and
+    our model runs again, until all integers agree. flips counts them, at most MAX_FLIPS. A wrong
+    scale or norm shows up as integers further apart, or as logits that differ."""
+    names = [n for n, m in ours.named_modules() if isinstance(m, BitLinear)]
+    theirs_in, ours_in, patches = {}, {}, {n: [] for n in names}
+
+    def record(name):
+        return lambda module, args, out: theirs_in.__setitem__(name, args[0])
+
+    def patch(name):   # our input to a projection, with the flips found so far set to transformers' integers
+        def hook(module, args):
+            x, s_x = args[0].clone(), activation_scale(args[0].float())
+            for i, q in patches[name]:
+                x[i] = q / s_x[i[:-1] + (0,)]     # x * s_x rounds to q
+            ours_in[name] = args[0], x
+            return (x,)
+        return hook
+
+    def first_flips():
+        for name, (_, x) in ours_in.items():      # in forward order
+            new = rounding_flips(name, x, theirs_in[name])
+            if new:
+                return name, new
+        return None, []
+
+    hooks = ([theirs.get_submodule(n).register_forward_hook(record(n)) for n in names] +
+             [ours.get_submodule(n).register_forward_pre_hook(patch(n)) for n in names])
+    try:
+        b = theirs(idx).logits
+        flips = 0
+        while True:
+            a = ours(idx, idx)[0]                 # with targets: logits at every position
+            name, new = first_flips()
+            if not new:
+                break
+            flips += len(new)
+            assert flips <= MAX_FLIPS, f"more than {MAX_FLIPS} rounding-boundary flips"
+            for n, (x, _) in ours_in.items():     # every projection that reads the same tensor (q, k, v)
+                if x is ours_in[name][0]:
+                    patches[n] += new
+    finally:
+        for h in hooks:
+            h.remove()
     assert a.shape == b.shape
-    return (a - b).abs().max().item(), RTOL * max(1.0, a.abs().max().item())
+    return (a - b).abs().max().item(), RTOL * max(1.0, a.abs().max().item()), flips
 
 
 CONFIGS = {
@@ -173,9 +233,30 @@ def test_export_loads_in_transformers_with_equal_logits(checkpoints, exports, na
         assert torch.equal(q_proj.weight, w_t.float()) and q_proj.weight_scale.shape == (1,)
         assert q_proj.weight_scale.item() == s_w.item()
     assert (theirs.lm_head.weight is theirs.model.embed_tokens.weight) == model.config.tie_embeddings
-    diff, tol = logit_diff(model, theirs, probe(model.config.vocab_size))
-    print(f"\n{name} {variant}: max |logit diff| ours vs transformers {diff:.3g} (tolerance {tol:.3g})")
+    diff, tol, flips = logit_diff(model, theirs, probe(model.config.vocab_size))
+    print(f"\n{name} {variant}: max |logit diff| ours vs transformers {diff:.3g} (tolerance {tol:.3g}), "
+          f"{flips} rounding-boundary flips")
     assert diff <= tol
+
+
+@pytest.mark.parametrize('name', ['model.layers.0.self_attn.o_proj.weight_scale',
+                                  'model.layers.1.post_attention_layernorm.weight', 'model.norm.weight'])
+def test_logit_diff_fails_for_a_wrong_scale_or_norm(checkpoints, exports, name):
+    """logit_diff lets rounding-boundary flips through, and nothing else: a weight scale, or one channel
+    of a norm, 1% off moves integer activations away from any boundary, or (after the last
+    projection) the logits. (A norm scaled as a whole would change nothing: absmax quantization
+    divides it out.)"""
+    _, model, _ = checkpoints['mha']
+    theirs = AutoModelForCausalLM.from_pretrained(exports['mha', 'packed'], dtype=torch.float32).eval()
+    theirs.state_dict()[name][0] *= 1.01
+    try:
+        diff, tol, _ = logit_diff(model, theirs, probe(model.config.vocab_size))
+    except AssertionError as e:
+        print(f"\n{name}: {e}")
+        assert name != 'model.norm.weight' and 'not by a rounding-boundary flip' in str(e)
+    else:
+        print(f"\n{name}: max |logit diff| {diff:.3g} (tolerance {tol:.3g})")
+        assert name == 'model.norm.weight' and diff > 10 * tol
 
 
 def test_packed_export_is_small_and_uses_the_2bit_layout(checkpoints, exports):
@@ -248,8 +329,8 @@ def test_transformers_model_imports_with_equal_logits(tmp_path, kind):
                                             tie_embeddings=False, quant='none' if kind == 'float' else 'b1.58',
                                             dropout=0.0)
     ours = model_from_checkpoint(checkpoint, str(d)).eval()
-    diff, tol = logit_diff(ours, theirs, probe(50))
-    print(f"\ntransformers {kind} -> ours: max |logit diff| {diff:.3g} (tolerance {tol:.3g})")
+    diff, tol, flips = logit_diff(ours, theirs, probe(50))
+    print(f"\ntransformers {kind} -> ours: max |logit diff| {diff:.3g} (tolerance {tol:.3g}), {flips} flips")
     assert diff <= tol
 
 
