@@ -34,6 +34,22 @@ def test_packed_model_equals_training_form(kw):
     assert not any(n.endswith('_proj.weight') for n, _ in model.named_parameters())   # no latent weights
 
 
+def test_packed_model_decodes_through_the_static_cache():
+    """The engine's cache on a packed model: the fused qkv goes to the decode_attention op as it is."""
+    from model import StaticKVCache
+    model = make(n_kv_head=2).pack()
+    prompt = torch.randint(40, (2, 5))
+    with torch.no_grad():
+        expected = model.generate(prompt, 12, temperature=0)
+        cache = StaticKVCache(model.config, 2, 20, 'cpu', torch.float32)
+        idx = prompt
+        logits, _ = model(prompt, kv_cache=cache)
+        for _ in range(12):
+            idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+            logits, _ = model(idx[:, -1:], kv_cache=cache)
+    assert torch.equal(idx, expected)
+
+
 def test_fused_gate_up_layout_and_epilogues():
     g = torch.Generator().manual_seed(0)
     gate = torch.randint(-1, 2, (6, 5), generator=g, dtype=torch.int8)
