@@ -39,25 +39,44 @@ from packed import packed_linear, packed_linear_reference
 
 
 @triton.jit
-def _load_input(x_row, norm_ptr, kk, K, rstd,
-                HAS_NORM: tl.constexpr, X_LOWP: tl.constexpr, NORM_LOWP: tl.constexpr):
-    """x[kk] in float32, RMS-normalized the way bitlinear.RMSNorm rounds it."""
-    xk = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+def _normalize(xk, nw, rstd, out_ty, HAS_NORM: tl.constexpr, X_LOWP: tl.constexpr, NORM_LOWP: tl.constexpr):
+    """x (float32) RMS-normalized the way bitlinear.RMSNorm rounds it: nw the norm weight
+    (float32), rstd 1 / rms(x), out_ty x's own dtype."""
     if HAS_NORM:
         xk = xk * rstd
         if X_LOWP:  # F.rms_norm(x.float()).to(x.dtype)
-            xk = xk.to(x_row.dtype.element_ty).to(tl.float32)
-        xk = xk * tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            xk = xk.to(out_ty).to(tl.float32)
+        xk = xk * nw
         if NORM_LOWP:  # weight * normed, both bfloat16 / float16
-            xk = xk.to(x_row.dtype.element_ty).to(tl.float32)
+            xk = xk.to(out_ty).to(tl.float32)
     return xk
 
 
 @triton.jit
-def _store_rows(y, y_ptr, res_ptr, m, rows, mask, N, EPILOGUE: tl.constexpr):
-    if EPILOGUE == 1:
-        y = y + tl.load(res_ptr + m * N + rows, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * N + rows, y.to(y_ptr.dtype.element_ty), mask=mask)
+def _load_input(x_row, norm_ptr, kk, K, rstd,
+                HAS_NORM: tl.constexpr, X_LOWP: tl.constexpr, NORM_LOWP: tl.constexpr):
+    """x[kk] in float32, RMS-normalized (_normalize)."""
+    xk = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+    nw = 1.0
+    if HAS_NORM:
+        nw = tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+    return _normalize(xk, nw, rstd, x_row.dtype.element_ty, HAS_NORM, X_LOWP, NORM_LOWP)
+
+
+@triton.jit
+def _rows4(ptr, rows, R, limit):
+    """ptr[rows + i * R] in float32 for i = 0 .. 3, the four outputs held by packed rows `rows`
+    (0 past R rows or past limit): their scales, or their residuals."""
+    rmask = rows < R
+    return (tl.load(ptr + rows, mask=rmask & (rows < limit), other=0.0).to(tl.float32),
+            tl.load(ptr + rows + R, mask=rmask & (rows + R < limit), other=0.0).to(tl.float32),
+            tl.load(ptr + rows + 2 * R, mask=rmask & (rows + 2 * R < limit), other=0.0).to(tl.float32),
+            tl.load(ptr + rows + 3 * R, mask=rmask & (rows + 3 * R < limit), other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _store_rows(y, y_ptr, rows, mask):
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -74,24 +93,28 @@ def _dp4a(a, b, acc, ASM: tl.constexpr):
 
 
 @triton.jit
-def _finish(c0, c1, c2, c3, x_total, s_x, scale_ptr, res_ptr, y_ptr, m, offs_r, R, N, EPILOGUE: tl.constexpr):
-    """Row sums of x * codes for rows r, r + R, r + 2R, r + 3R -> the outputs: subtract sum(x)
-    (codes are w + 1), rescale by row_scale / s_x (the order the training form uses), epilogue."""
+def _finish(c0, c1, c2, c3, x_total, s_x, s0, s1, s2, s3, r0, r1, r2, r3, y_row, offs_r, R, N,
+            EPILOGUE: tl.constexpr):
+    """Row sums of x * codes for rows r, r + R, r + 2R, r + 3R -> the outputs in y_row: subtract
+    sum(x) (codes are w + 1), rescale by row_scale / s_x (s0 .. s3, the order the training form
+    uses), then the epilogue: + residual (r0 .. r3), or relu(gate)^2 * up."""
     rmask = offs_r < R
-    y0 = (c0 - x_total).to(tl.float32) * (tl.load(scale_ptr + offs_r, mask=rmask, other=0.0) / s_x)
-    y1 = (c1 - x_total).to(tl.float32) * (tl.load(scale_ptr + offs_r + R, mask=rmask, other=0.0) / s_x)
-    y2 = (c2 - x_total).to(tl.float32) * (tl.load(scale_ptr + offs_r + 2 * R, mask=rmask, other=0.0) / s_x)
-    y3 = (c3 - x_total).to(tl.float32) * (tl.load(scale_ptr + offs_r + 3 * R, mask=rmask, other=0.0) / s_x)
+    y0 = (c0 - x_total).to(tl.float32) * (s0 / s_x)
+    y1 = (c1 - x_total).to(tl.float32) * (s1 / s_x)
+    y2 = (c2 - x_total).to(tl.float32) * (s2 / s_x)
+    y3 = (c3 - x_total).to(tl.float32) * (s3 / s_x)
     if EPILOGUE == 2:  # fused [gate; up], N = 2R: relu(gate)^2 * up for outputs r and r + R
         g0 = tl.maximum(y0, 0.0)
         g1 = tl.maximum(y1, 0.0)
-        _store_rows(g0 * g0 * y2, y_ptr, res_ptr, m, offs_r, rmask, N, 0)
-        _store_rows(g1 * g1 * y3, y_ptr, res_ptr, m, offs_r + R, rmask, N, 0)
+        _store_rows(g0 * g0 * y2, y_row, offs_r, rmask)
+        _store_rows(g1 * g1 * y3, y_row, offs_r + R, rmask)
     else:
-        _store_rows(y0, y_ptr, res_ptr, m, offs_r, rmask & (offs_r < N), N, EPILOGUE)
-        _store_rows(y1, y_ptr, res_ptr, m, offs_r + R, rmask & (offs_r + R < N), N, EPILOGUE)
-        _store_rows(y2, y_ptr, res_ptr, m, offs_r + 2 * R, rmask & (offs_r + 2 * R < N), N, EPILOGUE)
-        _store_rows(y3, y_ptr, res_ptr, m, offs_r + 3 * R, rmask & (offs_r + 3 * R < N), N, EPILOGUE)
+        if EPILOGUE == 1:
+            y0, y1, y2, y3 = y0 + r0, y1 + r1, y2 + r2, y3 + r3
+        _store_rows(y0, y_row, offs_r, rmask & (offs_r < N))
+        _store_rows(y1, y_row, offs_r + R, rmask & (offs_r + R < N))
+        _store_rows(y2, y_row, offs_r + 2 * R, rmask & (offs_r + 2 * R < N))
+        _store_rows(y3, y_row, offs_r + 3 * R, rmask & (offs_r + 3 * R < N))
 
 
 @triton.autotune(
@@ -116,16 +139,29 @@ def packed_gemv_row_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
     K4 = K // 4
     offs_b = tl.arange(0, BLOCK_R)
     offs_w = tl.arange(0, BLOCK_W)
+    y_row = y_ptr + m * N
+    res_row = res_ptr + m * N
+    # the first tile in flight: its words, its scales and (EPILOGUE 1) its residuals
     rows = pid * BLOCK_R + offs_b
     p_next = tl.load(w_ptr + rows[:, None] * K4 + offs_w[None, :],
                      mask=(rows[:, None] < R) & (offs_w[None, :] < K4), other=0)
+    s0n, s1n, s2n, s3n = _rows4(scale_ptr, rows, R, 4 * R)
+    r0n = tl.zeros([BLOCK_R], dtype=tl.float32)   # (no residual: placeholders)
+    r1n = r0n
+    r2n = r0n
+    r3n = r0n
+    if EPILOGUE == 1:
+        r0n, r1n, r2n, r3n = _rows4(res_row, rows, R, N)
+    # the activations, read once: RMSNorm, absmax, int8, four to a word
     kk = 4 * offs_w[:, None] + tl.arange(0, 4)[None, :]                              # (BLOCK_W, 4)
     x_row = x_ptr + m * K
+    xk = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+    nw = 1.0
     rstd = 1.0
     if HAS_NORM:
-        xk = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+        nw = tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(xk * xk, axis=1), axis=0) / K + eps)
-    xk = _load_input(x_row, norm_ptr, kk, K, rstd, HAS_NORM, X_LOWP, NORM_LOWP)
+    xk = _normalize(xk, nw, rstd, x_row.dtype.element_ty, HAS_NORM, X_LOWP, NORM_LOWP)
     s_x = 127.0 / tl.maximum(tl.max(tl.max(tl.abs(xk), axis=1), axis=0), 1e-5)
     xq = tl.minimum(tl.maximum(libdevice.rint(xk * s_x), -128.0), 127.0).to(tl.int32)
     x_total = tl.sum(tl.sum(xq, axis=1), axis=0)
@@ -133,15 +169,18 @@ def packed_gemv_row_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
     xw = tl.broadcast_to(xw[None, :], (BLOCK_R, BLOCK_W))
     zero = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.int32)
     for t in range(pid, tl.cdiv(R, BLOCK_R), programs):
-        p = p_next
+        p, s0, s1, s2, s3, r0, r1, r2, r3 = p_next, s0n, s1n, s2n, s3n, r0n, r1n, r2n, r3n
         rows = (t + programs) * BLOCK_R + offs_b
         p_next = tl.load(w_ptr + rows[:, None] * K4 + offs_w[None, :],
                          mask=(rows[:, None] < R) & (offs_w[None, :] < K4), other=0)
+        s0n, s1n, s2n, s3n = _rows4(scale_ptr, rows, R, 4 * R)
+        if EPILOGUE == 1:
+            r0n, r1n, r2n, r3n = _rows4(res_row, rows, R, N)
         _finish(tl.sum(_dp4a(p & 0x03030303, xw, zero, ASM), axis=1),
                 tl.sum(_dp4a((p >> 2) & 0x03030303, xw, zero, ASM), axis=1),
                 tl.sum(_dp4a((p >> 4) & 0x03030303, xw, zero, ASM), axis=1),
                 tl.sum(_dp4a((p >> 6) & 0x03030303, xw, zero, ASM), axis=1),
-                x_total, s_x, scale_ptr, res_ptr, y_ptr, m, t * BLOCK_R + offs_b, R, N, EPILOGUE)
+                x_total, s_x, s0, s1, s2, s3, r0, r1, r2, r3, y_row, t * BLOCK_R + offs_b, R, N, EPILOGUE)
 
 
 @triton.autotune(
@@ -210,8 +249,15 @@ def packed_gemv_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
         acc1 = _dp4a((p >> 2) & 0x03030303, xw, acc1, ASM)     # rows r + R
         acc2 = _dp4a((p >> 4) & 0x03030303, xw, acc2, ASM)     # rows r + 2R
         acc3 = _dp4a((p >> 6) & 0x03030303, xw, acc3, ASM)     # rows r + 3R
+    s0, s1, s2, s3 = _rows4(scale_ptr, offs_r, R, 4 * R)
+    r0 = s0   # (no residual: placeholders)
+    r1 = s0
+    r2 = s0
+    r3 = s0
+    if EPILOGUE == 1:
+        r0, r1, r2, r3 = _rows4(res_ptr + m * N, offs_r, R, N)
     _finish(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), tl.sum(acc3, axis=1),
-            tl.sum(x_sum, axis=0), s_x, scale_ptr, res_ptr, y_ptr, m, offs_r, R, N, EPILOGUE)
+            tl.sum(x_sum, axis=0), s_x, s0, s1, s2, s3, r0, r1, r2, r3, y_ptr + m * N, offs_r, R, N, EPILOGUE)
 
 
 @triton.jit
@@ -255,12 +301,16 @@ def _sm_count(device):
 
 
 ROW_WORDS = 2048   # rows of up to 4 * ROW_WORDS inputs go through packed_gemv_row_kernel
+DECODE_ROWS = 16   # x with up to this many rows goes through the GEMV kernels (one pass over the
+                   # weights per row; in a graph, 16 rows of a 2B4T projection take 5-8x one row's
+                   # time, 1.3-2.5x less than int8_matmul with its element-wise steps), more rows
+                   # through int8_matmul
 
 
 @packed_linear.register_kernel('cuda')
 def packed_linear_cuda(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps):
     M, K = x.shape
-    if M > 16:
+    if M > DECODE_ROWS:
         return packed_linear_reference(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps,
                                        matmul=int8_matmul)
     if K % 4 or not packed.is_contiguous() or packed.data_ptr() % 4:   # the kernel reads int32 words
