@@ -127,3 +127,42 @@ def test_bad_config_is_rejected():
         GPTConfig(quant='b2')
     with pytest.raises(ValueError, match='divisible'):
         GPTConfig(n_embd=30, n_head=4)
+
+
+def eager_capture(engine, fn):
+    """Engine._capture without CUDA: the 'graph' calls fn again on each replay and copies its
+    output into the first run's, as a replayed graph refills its static output."""
+    pos = engine.cache.pos.clone()
+    out = fn()
+    engine.cache.pos.copy_(pos)
+    graph = type('EagerGraph', (), {})()
+    graph.replay = lambda: out.copy_(fn()) if out is not None else fn()
+    return graph, out
+
+
+@pytest.mark.parametrize('max_len', [40, 14])   # 14: fewer positions than Engine.STEPS + 1 after the prompt
+def test_engine_greedy_loop_on_the_gpu_equals_generate(monkeypatch, max_len):
+    """The engine's bookkeeping, run eagerly on the CPU: graphs of 1 and of STEPS greedy steps,
+    captured from position 0 before the prompt, then as many replays as the tokens need."""
+    from engine import Engine
+    monkeypatch.setattr(Engine, '_capture', eager_capture)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval()
+    engine = Engine(model, batch_size=2, max_len=max_len, dtype=torch.float32, compile=False)
+    prompt = torch.randint(50, (2, 5))
+    for n in (1, 8, 9, max_len - 5, 0, 3):
+        with torch.no_grad():
+            expected = model.generate(prompt, n, temperature=0)
+        assert torch.equal(engine.generate(prompt, n), expected), n
+    assert engine.steps == min(Engine.STEPS, max_len - 1)
+
+
+def test_greedy_token_is_the_first_maximum_like_argmax():
+    from engine import greedy_token
+    logits = torch.randn(3, 1000)
+    logits[1, [7, 600, 999]] = 10.0        # ties across slices: the first one wins
+    logits[2, [513, 514]] = 10.0           # ties inside a slice
+    logits[0, 999] = 10.0                  # the last index, in the padded slice
+    assert greedy_token(logits).flatten().tolist() == [999, 7, 513]
+    for V in (65, 50257, 1000):
+        x = torch.randn(4, V).to(torch.bfloat16)   # bf16: many exact ties
+        assert torch.equal(greedy_token(x), x.argmax(dim=-1, keepdim=True)), V
