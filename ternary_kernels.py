@@ -10,7 +10,8 @@ Decode (M <= 16 rows): one Triton kernel does the whole layer for each row of x:
      rows, i.e. 4 * BLOCK_R outputs (rows r, r + R, r + 2R, r + 3R), reads their bytes once
      as int32 words, and accumulates exact integer sums with dp4a (four int8 products per
      instruction): the 2-bit codes c = w + 1 of one row sit in a word's bytes after a shift
-     and a mask, and sum(x * w) = sum(x * c) - sum(x);
+     and a mask, and sum(x * w) = sum(x * c) - sum(x), so each word's sum starts from minus
+     its four activations; the four rows' sums are reduced together, as one (BLOCK_R, 2, 2) tile;
   3. the epilogue: rescale by row_scale / s_x, then add the residual or apply relu(gate)^2 * up.
 packed_gemv_row_kernel holds a whole row (K <= 8192) in registers and is persistent (a few
 programs per SM walk over the tiles, the next tile always in flight); packed_gemv_kernel loops
@@ -64,22 +65,6 @@ def _load_input(x_row, norm_ptr, kk, K, rstd,
 
 
 @triton.jit
-def _rows4(ptr, rows, R, limit):
-    """ptr[rows + i * R] in float32 for i = 0 .. 3, the four outputs held by packed rows `rows`
-    (0 past R rows or past limit): their scales, or their residuals."""
-    rmask = rows < R
-    return (tl.load(ptr + rows, mask=rmask & (rows < limit), other=0.0).to(tl.float32),
-            tl.load(ptr + rows + R, mask=rmask & (rows + R < limit), other=0.0).to(tl.float32),
-            tl.load(ptr + rows + 2 * R, mask=rmask & (rows + 2 * R < limit), other=0.0).to(tl.float32),
-            tl.load(ptr + rows + 3 * R, mask=rmask & (rows + 3 * R < limit), other=0.0).to(tl.float32))
-
-
-@triton.jit
-def _store_rows(y, y_ptr, rows, mask):
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _dp4a(a, b, acc, ASM: tl.constexpr):
     """acc + the dot product of the 4 bytes of a (unsigned) and of b (signed), word by word:
     one dp4a instruction on the GPU; the same sum spelled out for Triton's CPU interpreter."""
@@ -93,28 +78,52 @@ def _dp4a(a, b, acc, ASM: tl.constexpr):
 
 
 @triton.jit
-def _finish(c0, c1, c2, c3, x_total, s_x, s0, s1, s2, s3, r0, r1, r2, r3, y_row, offs_r, R, N,
-            EPILOGUE: tl.constexpr):
-    """Row sums of x * codes for rows r, r + R, r + 2R, r + 3R -> the outputs in y_row: subtract
-    sum(x) (codes are w + 1), rescale by row_scale / s_x (s0 .. s3, the order the training form
-    uses), then the epilogue: + residual (r0 .. r3), or relu(gate)^2 * up."""
-    rmask = offs_r < R
-    y0 = (c0 - x_total).to(tl.float32) * (s0 / s_x)
-    y1 = (c1 - x_total).to(tl.float32) * (s1 / s_x)
-    y2 = (c2 - x_total).to(tl.float32) * (s2 / s_x)
-    y3 = (c3 - x_total).to(tl.float32) * (s3 / s_x)
-    if EPILOGUE == 2:  # fused [gate; up], N = 2R: relu(gate)^2 * up for outputs r and r + R
-        g0 = tl.maximum(y0, 0.0)
-        g1 = tl.maximum(y1, 0.0)
-        _store_rows(g0 * g0 * y2, y_row, offs_r, rmask)
-        _store_rows(g1 * g1 * y3, y_row, offs_r + R, rmask)
+def _outputs(t, R, BLOCK_R: tl.constexpr):
+    """The outputs held by tile t (packed rows t * BLOCK_R ...), as a (BLOCK_R, 2, 2) tensor:
+    [b, i, k] is output r + (i + 2k) R of packed row r = t * BLOCK_R + b, and whether r < R."""
+    rows = t * BLOCK_R + tl.arange(0, BLOCK_R)
+    j = tl.arange(0, 2)[None, :, None] + 2 * tl.arange(0, 2)[None, None, :]
+    return rows[:, None, None] + j * R, (rows < R)[:, None, None] & (j < 4)   # (j < 4: to the tile's shape)
+
+
+@triton.jit
+def _tile_loads(w_ptr, scale_ptr, res_row, t, R, K4, N,
+                EPILOGUE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Tile t's words (BLOCK_R, BLOCK_W), scales and (EPILOGUE 1) residuals (BLOCK_R, 2, 2)."""
+    rows = t * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_w = tl.arange(0, BLOCK_W)
+    p = tl.load(w_ptr + rows[:, None] * K4 + offs_w[None, :], mask=(rows[:, None] < R) & (offs_w[None, :] < K4), other=0)
+    s, r = _tile_scales(scale_ptr, res_row, t, R, N, EPILOGUE, BLOCK_R)
+    return p, s, r
+
+
+@triton.jit
+def _tile_scales(scale_ptr, res_row, t, R, N, EPILOGUE: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Tile t's row scales and (EPILOGUE 1) residuals, (BLOCK_R, 2, 2) in float32."""
+    outs, omask = _outputs(t, R, BLOCK_R)
+    s = tl.load(scale_ptr + outs, mask=omask, other=0.0)
+    r = s * 0.0
+    if EPILOGUE == 1:
+        r = tl.load(res_row + outs, mask=omask & (outs < N), other=0.0).to(tl.float32)
+    return s, r
+
+
+@triton.jit
+def _finish_tile(c, s_x, s, r, y_row, t, R, N, EPILOGUE: tl.constexpr, BLOCK_R: tl.constexpr):
+    """c (BLOCK_R, 2, 2): tile t's exact sums x . w -> rescaled by row_scale / s_x (the order of
+    the training form), then the epilogue (+ residual r, or relu(gate)^2 * up), stored."""
+    y = c.to(tl.float32) * (s / s_x)
+    outs, omask = _outputs(t, R, BLOCK_R)
+    if EPILOGUE == 2:  # fused [gate; up], N = 2R: outputs r + iR are gate (k = 0) and up (k = 1)
+        gate, up = tl.split(y)
+        gate = tl.maximum(gate, 0.0)
+        o, _ = tl.split(outs)
+        om, _ = tl.split(omask)
+        tl.store(y_row + o, (gate * gate * up).to(y_row.dtype.element_ty), mask=om)
     else:
         if EPILOGUE == 1:
-            y0, y1, y2, y3 = y0 + r0, y1 + r1, y2 + r2, y3 + r3
-        _store_rows(y0, y_row, offs_r, rmask & (offs_r < N))
-        _store_rows(y1, y_row, offs_r + R, rmask & (offs_r + R < N))
-        _store_rows(y2, y_row, offs_r + 2 * R, rmask & (offs_r + 2 * R < N))
-        _store_rows(y3, y_row, offs_r + 3 * R, rmask & (offs_r + 3 * R < N))
+            y = y + r
+        tl.store(y_row + outs, y.to(y_row.dtype.element_ty), mask=omask & (outs < N))
 
 
 @triton.autotune(
@@ -130,30 +139,20 @@ def packed_gemv_row_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
                            BLOCK_R: tl.constexpr, WAVES: tl.constexpr):
     """packed_gemv_kernel for rows that fit in registers (K <= 4 * BLOCK_W), persistent: a few
     programs per SM (WAVES) each quantize the row once and then walk over tiles of BLOCK_R
-    packed rows, tile t, t + programs, ... The next tile's words are always in flight while
-    the current one is multiplied, and the first tile's while the activations are prepared:
+    packed rows, tile t, t + programs, ... The next tile's words, scales and residuals are
+    always in flight while the current one is multiplied, and the first tile's while the
+    activations are prepared:
     a decoding step is a chain of such small kernels, so their latency is what counts."""
     pid = tl.program_id(0)
     m = tl.program_id(1)
     programs = tl.num_programs(0)
     K4 = K // 4
-    offs_b = tl.arange(0, BLOCK_R)
-    offs_w = tl.arange(0, BLOCK_W)
     y_row = y_ptr + m * N
     res_row = res_ptr + m * N
     # the first tile in flight: its words, its scales and (EPILOGUE 1) its residuals
-    rows = pid * BLOCK_R + offs_b
-    p_next = tl.load(w_ptr + rows[:, None] * K4 + offs_w[None, :],
-                     mask=(rows[:, None] < R) & (offs_w[None, :] < K4), other=0)
-    s0n, s1n, s2n, s3n = _rows4(scale_ptr, rows, R, 4 * R)
-    r0n = tl.zeros([BLOCK_R], dtype=tl.float32)   # (no residual: placeholders)
-    r1n = r0n
-    r2n = r0n
-    r3n = r0n
-    if EPILOGUE == 1:
-        r0n, r1n, r2n, r3n = _rows4(res_row, rows, R, N)
+    p_next, s_next, r_next = _tile_loads(w_ptr, scale_ptr, res_row, pid, R, K4, N, EPILOGUE, BLOCK_R, BLOCK_W)
     # the activations, read once: RMSNorm, absmax, int8, four to a word
-    kk = 4 * offs_w[:, None] + tl.arange(0, 4)[None, :]                              # (BLOCK_W, 4)
+    kk = 4 * tl.arange(0, BLOCK_W)[:, None] + tl.arange(0, 4)[None, :]               # (BLOCK_W, 4)
     x_row = x_ptr + m * K
     xk = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
     nw = 1.0
@@ -164,23 +163,18 @@ def packed_gemv_row_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
     xk = _normalize(xk, nw, rstd, x_row.dtype.element_ty, HAS_NORM, X_LOWP, NORM_LOWP)
     s_x = 127.0 / tl.maximum(tl.max(tl.max(tl.abs(xk), axis=1), axis=0), 1e-5)
     xq = tl.minimum(tl.maximum(libdevice.rint(xk * s_x), -128.0), 127.0).to(tl.int32)
-    x_total = tl.sum(tl.sum(xq, axis=1), axis=0)
     xw = tl.sum((xq & 255) << (8 * tl.arange(0, 4))[None, :], axis=1)
+    # codes are w + 1: sum(x * w) = sum(x * c) - sum(x), so each word's dot product starts from
+    # minus the sum of its own four activations, and one reduction gives the exact sums
+    neg = -tl.sum(xq, axis=1)
     xw = tl.broadcast_to(xw[None, :], (BLOCK_R, BLOCK_W))
-    zero = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.int32)
+    neg = tl.broadcast_to(neg[None, :], (BLOCK_R, BLOCK_W))
     for t in range(pid, tl.cdiv(R, BLOCK_R), programs):
-        p, s0, s1, s2, s3, r0, r1, r2, r3 = p_next, s0n, s1n, s2n, s3n, r0n, r1n, r2n, r3n
-        rows = (t + programs) * BLOCK_R + offs_b
-        p_next = tl.load(w_ptr + rows[:, None] * K4 + offs_w[None, :],
-                         mask=(rows[:, None] < R) & (offs_w[None, :] < K4), other=0)
-        s0n, s1n, s2n, s3n = _rows4(scale_ptr, rows, R, 4 * R)
-        if EPILOGUE == 1:
-            r0n, r1n, r2n, r3n = _rows4(res_row, rows, R, N)
-        _finish(tl.sum(_dp4a(p & 0x03030303, xw, zero, ASM), axis=1),
-                tl.sum(_dp4a((p >> 2) & 0x03030303, xw, zero, ASM), axis=1),
-                tl.sum(_dp4a((p >> 4) & 0x03030303, xw, zero, ASM), axis=1),
-                tl.sum(_dp4a((p >> 6) & 0x03030303, xw, zero, ASM), axis=1),
-                x_total, s_x, s0, s1, s2, s3, r0, r1, r2, r3, y_row, t * BLOCK_R + offs_b, R, N, EPILOGUE)
+        p, s, r = p_next, s_next, r_next
+        p_next, s_next, r_next = _tile_loads(w_ptr, scale_ptr, res_row, t + programs, R, K4, N, EPILOGUE, BLOCK_R, BLOCK_W)
+        d = tl.join(tl.join(_dp4a(p & 0x03030303, xw, neg, ASM), _dp4a((p >> 2) & 0x03030303, xw, neg, ASM)),
+                    tl.join(_dp4a((p >> 4) & 0x03030303, xw, neg, ASM), _dp4a((p >> 6) & 0x03030303, xw, neg, ASM)))
+        _finish_tile(tl.sum(d, axis=1), s_x, s, r, y_row, t, R, N, EPILOGUE, BLOCK_R)   # d: (BLOCK_R, BLOCK_W, 2, 2)
 
 
 @triton.autotune(
@@ -234,30 +228,23 @@ def packed_gemv_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
     acc1 = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.int32)
     acc2 = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.int32)
     acc3 = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.int32)
-    x_sum = tl.zeros([BLOCK_W], dtype=tl.int32)
     for w0 in range(0, K4, BLOCK_W):
         ww = w0 + offs_w
         kk = 4 * ww[:, None] + tl.arange(0, 4)[None, :]                              # (BLOCK_W, 4)
         xk = _load_input(x_row, norm_ptr, kk, K, rstd, HAS_NORM, X_LOWP, NORM_LOWP)
         xq = tl.minimum(tl.maximum(libdevice.rint(xk * s_x), -128.0), 127.0).to(tl.int32)
-        x_sum += tl.sum(xq, axis=1)
+        neg = tl.broadcast_to(-tl.sum(xq, axis=1)[None, :], (BLOCK_R, BLOCK_W))
         xw = tl.sum((xq & 255) << shifts[None, :], axis=1)      # 4 int8 in a word (disjoint bytes)
         xw = tl.broadcast_to(xw[None, :], (BLOCK_R, BLOCK_W))
         p = tl.load(w_ptr + offs_r[:, None] * K4 + ww[None, :],
                     mask=(offs_r[:, None] < R) & (ww[None, :] < K4), other=0)
-        acc0 = _dp4a(p & 0x03030303, xw, acc0, ASM)            # rows r
-        acc1 = _dp4a((p >> 2) & 0x03030303, xw, acc1, ASM)     # rows r + R
-        acc2 = _dp4a((p >> 4) & 0x03030303, xw, acc2, ASM)     # rows r + 2R
-        acc3 = _dp4a((p >> 6) & 0x03030303, xw, acc3, ASM)     # rows r + 3R
-    s0, s1, s2, s3 = _rows4(scale_ptr, offs_r, R, 4 * R)
-    r0 = s0   # (no residual: placeholders)
-    r1 = s0
-    r2 = s0
-    r3 = s0
-    if EPILOGUE == 1:
-        r0, r1, r2, r3 = _rows4(res_ptr + m * N, offs_r, R, N)
-    _finish(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), tl.sum(acc3, axis=1),
-            tl.sum(x_sum, axis=0), s_x, s0, s1, s2, s3, r0, r1, r2, r3, y_ptr + m * N, offs_r, R, N, EPILOGUE)
+        acc0 = _dp4a(p & 0x03030303, xw, acc0 + neg, ASM)            # rows r
+        acc1 = _dp4a((p >> 2) & 0x03030303, xw, acc1 + neg, ASM)     # rows r + R
+        acc2 = _dp4a((p >> 4) & 0x03030303, xw, acc2 + neg, ASM)     # rows r + 2R
+        acc3 = _dp4a((p >> 6) & 0x03030303, xw, acc3 + neg, ASM)     # rows r + 3R
+    s, r = _tile_scales(scale_ptr, res_ptr + m * N, pid, R, N, EPILOGUE, BLOCK_R)
+    c = tl.sum(tl.join(tl.join(acc0, acc1), tl.join(acc2, acc3)), axis=1)
+    _finish_tile(c, s_x, s, r, y_ptr + m * N, pid, R, N, EPILOGUE, BLOCK_R)
 
 
 @triton.jit
