@@ -157,20 +157,3 @@ def test_packed_engine_greedy_equals_training_form_on_a_trained_checkpoint(dtype
         if dtype == torch.float32:
             assert first_diff >= 200 or chosen_gap < 1e-3 * ref.abs().max().item()
     print(decode(got[0].tolist()))
-
-
-@pytest.mark.parametrize('dtype', [None, torch.bfloat16], ids=['float32', 'autocast-bf16'])
-def test_ternary_matmul_equals_the_ste_form_on_cuda(dtype):
-    """bitlinear.TernaryMatmul against the straight-through form (tests/test_bitlinear.py) on the GPU."""
-    from bitlinear import TernaryMatmul
-    from test_bitlinear import random_case, ste_reference
-    x, w, g = (t.cuda() for t in random_case())
-    results = []
-    for fn in (TernaryMatmul.apply, ste_reference):
-        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
-        with torch.autocast('cuda', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            y = fn(xx, ww)
-        y.backward(g.to(y.dtype))
-        results.append((y, xx.grad, ww.grad))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
