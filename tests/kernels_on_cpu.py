@@ -1,0 +1,102 @@
+"""The Triton kernels of ternary_kernels.py run on the CPU by Triton's interpreter, against their
+PyTorch references: the packed GEMV kernels (the row held in registers, and the one looping over
+K; every epilogue, with and without the RMSNorm, float32 and bfloat16) and decode attention.
+The interpreter runs a kernel's programs one after another as numpy code, so this checks the
+kernels' arithmetic and indexing, not their speed. tests/test_kernels_interpreted.py runs it:
+
+    TRITON_INTERPRET=1 python tests/kernels_on_cpu.py
+"""
+
+import os
+import sys
+
+assert os.environ.get('TRITON_INTERPRET') == '1', "run with TRITON_INTERPRET=1 (set before triton is imported)"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+import ternary_kernels as kernels  # noqa: E402
+from bitlinear import pack_ternary  # noqa: E402
+from model import decode_attention_reference, rotary_tables  # noqa: E402
+from packed import packed_linear_reference  # noqa: E402
+
+
+class RoundHalfEven:
+    """libdevice.rint for the interpreter, which has no libdevice: round half to even."""
+    @staticmethod
+    def rint(x):
+        r = tl.floor(x + 0.5)
+        half = r * 0.5
+        return tl.where(((r - x) == 0.5) & (tl.floor(half) != half), r - 1.0, r)
+
+
+kernels.libdevice = RoundHalfEven
+
+
+def gemv_case(M, K, out, epilogue, norm, dtype, block_r, row_kernel):
+    g = torch.Generator().manual_seed(M * K + out + epilogue)
+    rows = 2 * out if epilogue == 2 else out
+    packed = pack_ternary(torch.randint(-1, 2, (rows, K), generator=g, dtype=torch.int8))
+    scale = torch.zeros(4 * packed.size(0))
+    scale[:rows] = torch.rand(rows, generator=g) * 0.05 + 0.01
+    x = (torch.randn(M, K, generator=g) * 3).to(dtype)
+    norm_weight = (torch.rand(K, generator=g) + 0.5).to(dtype) if norm else torch.empty(0)
+    residual = torch.randn(M, out, generator=g).to(dtype) if epilogue == 1 else torch.empty(0)
+    R = packed.size(0)
+    y = torch.empty(M, out, dtype=dtype)
+    lowp = dtype != torch.float32
+    args = (x, norm_weight if norm else x, packed.view(torch.int32), scale, residual if epilogue == 1 else y, y,
+            K, R, out, 1e-5, int(M == 1))
+    flags = dict(HAS_NORM=norm, X_LOWP=lowp, NORM_LOWP=lowp and norm, EPILOGUE=epilogue, ASM=False, BLOCK_R=block_r)
+    if row_kernel:   # 3 programs walk over the tiles, as the persistent grid does
+        kernels.packed_gemv_row_kernel.fn[(min(3, triton.cdiv(R, block_r)), M)](
+            *args, BLOCK_W=triton.next_power_of_2(K // 4), WAVES=1, **flags)
+    else:            # chunks of 32 words: several trips through the loop over K
+        kernels.packed_gemv_kernel.fn[(triton.cdiv(R, block_r), M)](*args, BLOCK_X=256, BLOCK_W=32, **flags)
+    ref = packed_linear_reference(x, norm_weight, packed, scale, residual, out, epilogue, 1e-5)
+    if dtype == torch.float32:   # the same int8 activations and exact integer sums: float rounding only
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    else:   # bfloat16: the kernel's rsqrt may move an activation across a rounding boundary
+        assert (y.float() - ref.float()).abs().max() <= 0.05 * ref.float().abs().max()
+
+
+def attention_case(nh, nkv, hd, pos):
+    g = torch.Generator().manual_seed(pos + nh)
+    qkv = torch.randn(2, (nh + 2 * nkv) * hd, generator=g)
+    k = torch.randn(2, nkv, 96, hd, generator=g)
+    v = torch.randn(2, nkv, 96, hd, generator=g)
+    k[:, :, pos + 1:] = float('nan')   # positions past pos must not be read
+    v[:, :, pos + 1:] = float('nan')
+    cos, sin = rotary_tables(hd, 96, 10000.0)
+    p = torch.tensor(pos)
+    k_ref, v_ref = k[:, :, :pos + 1].clone(), v[:, :, :pos + 1].clone()
+    o = torch.empty(2, nh * hd)
+    kernels.decode_attention_kernel[(nkv, 2)](
+        qkv, k, v, o, p, cos, sin, hd ** -0.5, k.stride(0), k.stride(1), k.stride(2),
+        NH=nh, NKV=nkv, G=nh // nkv, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(nh // nkv)), BLOCK_N=32, IEEE=True)
+    ref = decode_attention_reference(qkv, k_ref, v_ref, p, cos, sin, nh)
+    torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k[:, :, pos], k_ref[:, :, pos], rtol=1e-5, atol=1e-5)   # the rotated key written
+
+
+GEMV_CASES = [  # M, K, out, epilogue, norm, dtype, block_r
+    (1, 64, 64, 0, False, torch.float32, 2),
+    (3, 200, 13, 1, False, torch.float32, 2),
+    (2, 300, 10, 2, False, torch.float32, 1),
+    (1, 512, 96, 0, True, torch.float32, 4),
+    (2, 512, 40, 1, True, torch.float32, 2),
+    (1, 256, 64, 2, True, torch.float32, 2),
+    (1, 512, 64, 1, True, torch.bfloat16, 4),
+    (3, 256, 40, 2, True, torch.bfloat16, 1),
+]
+
+if __name__ == '__main__':
+    for case in GEMV_CASES:
+        for row_kernel in (True, False):
+            gemv_case(*case, row_kernel=row_kernel)
+            print('ok', 'row kernel' if row_kernel else 'loop kernel', *case[:5], case[5], flush=True)
+    for case in [(4, 4, 32, 0), (4, 2, 64, 40), (6, 1, 32, 95)]:
+        attention_case(*case)
+        print('ok attention', *case, flush=True)
