@@ -78,6 +78,15 @@ def _dp4a(a, b, acc, ASM: tl.constexpr):
 
 
 @triton.jit
+def _quantize_words(xk, s_x):
+    """Normalized activations (n, 4) in float32 -> their int8 values four to a word (n,) and minus
+    each word's sum, the start of its dot product with 2-bit codes c = w + 1:
+    sum(x * w) = sum(x * c) - sum(x)."""
+    xq = tl.minimum(tl.maximum(libdevice.rint(xk * s_x), -128.0), 127.0).to(tl.int32)
+    return tl.sum((xq & 255) << (8 * tl.arange(0, 4))[None, :], axis=1), -tl.sum(xq, axis=1)
+
+
+@triton.jit
 def _outputs(t, R, BLOCK_R: tl.constexpr):
     """The outputs held by tile t (packed rows t * BLOCK_R ...), as a (BLOCK_R, 2, 2) tensor:
     [b, i, k] is output r + (i + 2k) R of packed row r = t * BLOCK_R + b, and whether r < R."""
@@ -162,11 +171,7 @@ def packed_gemv_row_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
         rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(xk * xk, axis=1), axis=0) / K + eps)
     xk = _normalize(xk, nw, rstd, x_row.dtype.element_ty, HAS_NORM, X_LOWP, NORM_LOWP)
     s_x = 127.0 / tl.maximum(tl.max(tl.max(tl.abs(xk), axis=1), axis=0), 1e-5)
-    xq = tl.minimum(tl.maximum(libdevice.rint(xk * s_x), -128.0), 127.0).to(tl.int32)
-    xw = tl.sum((xq & 255) << (8 * tl.arange(0, 4))[None, :], axis=1)
-    # codes are w + 1: sum(x * w) = sum(x * c) - sum(x), so each word's dot product starts from
-    # minus the sum of its own four activations, and one reduction gives the exact sums
-    neg = -tl.sum(xq, axis=1)
+    xw, neg = _quantize_words(xk, s_x)   # so one reduction per tile gives the exact sums
     xw = tl.broadcast_to(xw[None, :], (BLOCK_R, BLOCK_W))
     neg = tl.broadcast_to(neg[None, :], (BLOCK_R, BLOCK_W))
     for t in range(pid, tl.cdiv(R, BLOCK_R), programs):
@@ -223,7 +228,6 @@ def packed_gemv_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
     K4 = K // 4
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_w = tl.arange(0, BLOCK_W)
-    shifts = 8 * tl.arange(0, 4)
     acc0 = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.int32)
     acc1 = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.int32)
     acc2 = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.int32)
@@ -232,10 +236,9 @@ def packed_gemv_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
         ww = w0 + offs_w
         kk = 4 * ww[:, None] + tl.arange(0, 4)[None, :]                              # (BLOCK_W, 4)
         xk = _load_input(x_row, norm_ptr, kk, K, rstd, HAS_NORM, X_LOWP, NORM_LOWP)
-        xq = tl.minimum(tl.maximum(libdevice.rint(xk * s_x), -128.0), 127.0).to(tl.int32)
-        neg = tl.broadcast_to(-tl.sum(xq, axis=1)[None, :], (BLOCK_R, BLOCK_W))
-        xw = tl.sum((xq & 255) << shifts[None, :], axis=1)      # 4 int8 in a word (disjoint bytes)
+        xw, neg = _quantize_words(xk, s_x)
         xw = tl.broadcast_to(xw[None, :], (BLOCK_R, BLOCK_W))
+        neg = tl.broadcast_to(neg[None, :], (BLOCK_R, BLOCK_W))
         p = tl.load(w_ptr + offs_r[:, None] * K4 + ww[None, :],
                     mask=(offs_r[:, None] < R) & (ww[None, :] < K4), other=0)
         acc0 = _dp4a(p & 0x03030303, xw, acc0 + neg, ASM)            # rows r
