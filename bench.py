@@ -10,7 +10,8 @@ Training step (forward, backward, clip, AdamW step) for quant = none, b1.58, b1:
 Warm-up steps are not counted (they include compilation); the timed steps of the variants are
 interleaved in rounds, so drift of the clock or the temperature hits all of them alike, and
 the median step time is reported. Peak memory is what a variant adds to the device's
-allocated memory while it trains (CUDA only).
+allocated memory while it trains (CUDA only). On CUDA the compiled forward and backward run as
+CUDA graphs, as in train.py (--cuda_graphs=False: kernel by kernel, launched from Python).
 
 Decoding (batch 1, a short prompt, then greedy tokens) for the packed ternary model and the
 float model of the same shape with random weights:
@@ -50,6 +51,7 @@ batch_size = 64
 device = 'auto'
 dtype = 'auto'             # 'auto': bfloat16 on CUDA, float32 elsewhere
 compile = None             # None: on for CUDA
+cuda_graphs = None         # train: the compiled step as CUDA graphs (mode='reduce-overhead'); None: on for CUDA
 warmup = 10                # untimed steps per variant
 rounds = 5                 # timing rounds; each round times steps_per_round steps of every variant
 steps_per_round = 10
@@ -78,6 +80,10 @@ autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=d
 compile_arg = compile      # decode on CUDA: None measures the engine both with and without torch.compile
 if compile is None:
     compile = device_type == 'cuda'
+if cuda_graphs is None:
+    cuda_graphs = compile and device_type == 'cuda'
+elif cuda_graphs and not (compile and device_type == 'cuda'):
+    fail("cuda_graphs=True needs compile=True on a CUDA GPU: drop --cuda_graphs=True")
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -105,7 +111,7 @@ def bench_train():
                            n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size, quant=quant)
         raw = GPT(config).to(device)
         optimizer = raw.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device_type)
-        model = torch.compile(raw) if compile else raw
+        model = torch.compile(raw, mode='reduce-overhead' if cuda_graphs else None) if compile else raw
 
         def step(model=model, optimizer=optimizer, i=[0]):
             x, y = batches[i[0] % len(batches)]
@@ -121,7 +127,7 @@ def bench_train():
         sync()
         peak = (torch.cuda.max_memory_allocated() - base) if cuda else None
         variants[quant] = dict(step=step, raw=raw, times=[], peak=peak)
-        print(f"{quant}: built, compiled={compile}, warmed up ({warmup} steps)", file=sys.stderr)
+        print(f"{quant}: built, compiled={compile}, cuda_graphs={cuda_graphs}, warmed up ({warmup} steps)", file=sys.stderr)
 
     for r in range(rounds):
         for quant, v in variants.items():
@@ -146,7 +152,8 @@ def bench_train():
     tokens = batch_size * block_size
     ref = statistics.median(variants[quant_list[0]]['times'])
     first = variants[quant_list[0]]['raw']
-    print(f"device: {device_name}; torch {torch.__version__}; dtype {dtype}; compile {compile}")
+    print(f"device: {device_name}; torch {torch.__version__}; dtype {dtype}; compile {compile}; "
+          f"CUDA graphs {cuda_graphs}")
     print(f"model: {n_layer} layers, {n_head} heads, {n_embd} wide, block {block_size}, batch {batch_size}, "
           f"vocab {vocab_size}, {first.get_num_params() / 1e6:.1f}M non-embedding parameters; "
           f"median of {rounds * steps_per_round} timed steps after {warmup} warm-up steps")
@@ -292,7 +299,8 @@ def bench_decode():
         bandwidth = 2 * a.numel() * 10 / (time.perf_counter() - t0)
         del a, b
     _, device_name = device_peak_flops(device)
-    print(f"device: {device_name}; torch {torch.__version__}; dtype {dtype}; compile {compile}")
+    print(f"device: {device_name}; torch {torch.__version__}; dtype {dtype}; compile {compile}; "
+          f"CUDA graphs {cuda_graphs}")
     print(f"model: {n_layer} layers, {n_head} heads ({n_kv_head or n_head} kv), {n_embd} wide, MLP "
           f"{GPTConfig(n_embd=n_embd, n_head=n_head, intermediate_size=intermediate_size).intermediate_size}, "
           f"vocab {vocab_size}, tied {tie_embeddings}; batch 1, prompt {prompt_len}, {new_tokens} new tokens, "

@@ -81,6 +81,11 @@ device = 'auto'            # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1',
 dtype = 'auto'             # 'auto' (bfloat16 on CUDA where supported, else float16; float32 elsewhere),
                            # 'float32', 'bfloat16', 'float16' (CUDA only, with a gradient scaler)
 compile = None             # torch.compile; None: on for CUDA, off elsewhere
+cuda_graphs = None         # run the compiled forward and backward as CUDA graphs (torch.compile
+                           # mode='reduce-overhead'): one launch instead of hundreds of kernels, the
+                           # step of small models is bound by launching them (README, Training step
+                           # time); None: on when compiling for one CUDA GPU (not under torchrun)
+                           # with gradient_accumulation_steps = 1
 seed = 1337
 backend = 'nccl'           # DDP backend on CUDA ('gloo' is used on CPU)
 # -----------------------------------------------------------------------------
@@ -137,6 +142,12 @@ autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=d
 scaler = torch.amp.GradScaler('cuda', enabled=(dtype == 'float16'))
 if compile is None:
     compile = device_type == 'cuda'
+graphs_possible = compile and device_type == 'cuda' and not ddp and gradient_accumulation_steps == 1
+if cuda_graphs is None:
+    cuda_graphs = graphs_possible
+elif cuda_graphs and not graphs_possible:  # a graph's next run overwrites the gradients being accumulated
+    fail("cuda_graphs=True needs compile=True on one CUDA GPU (not under torchrun) and "
+         "gradient_accumulation_steps=1: drop --cuda_graphs=True")
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -226,7 +237,7 @@ if checkpoint is not None:
 checkpoint = None  # free up memory
 raw_model = model  # what we save: no '_orig_mod.' (compile) or 'module.' (DDP) prefixes
 if compile:
-    model = torch.compile(model)
+    model = torch.compile(model, mode='reduce-overhead' if cuda_graphs else None)
 if ddp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 peak_flops, device_name = device_peak_flops(device)
@@ -274,7 +285,7 @@ if master_process:
     log_file = open(os.path.join(out_dir, 'train_log.jsonl'), 'a' if init_from == 'resume' else 'w')
     n_params = raw_model.get_num_params()
     print(f"{n_params / 1e6:.2f}M parameters (non-embedding), quant={raw_model.config.quant}, "
-          f"{device_name}, {dtype}, compile={compile}, {ddp_world_size} process(es), "
+          f"{device_name}, {dtype}, compile={compile}, cuda_graphs={cuda_graphs}, {ddp_world_size} process(es), "
           f"{tokens_per_iter:,} tokens per iteration")
 if wandb_log and master_process:
     try:
@@ -330,7 +341,7 @@ while True:
             model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
         X, Y = get_batch('train', TRAIN, ddp_rank, iter_num, micro_step)
         with autocast:
-            logits, loss = model(X, Y)
+            _, loss = model(X, Y)
             loss = loss / gradient_accumulation_steps  # the mean over micro-steps
         scaler.scale(loss).backward()
     if grad_clip != 0.0:
