@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitlinear import (BitLinear, BitLinear1b, RMSNorm, bitlinear_report, pack_ternary, quantize_activation,
-                       quantize_activation_1b, quantize_weight, quantize_weight_1b, unpack_2bit, unpack_ternary,
-                       verify_bitlinear)
+from bitlinear import (BitLinear, BitLinear1b, RMSNorm, TernaryMatmul, bitlinear_report, pack_ternary,
+                       quantize_activation, quantize_activation_1b, quantize_weight, quantize_weight_1b, unpack_2bit,
+                       unpack_ternary, verify_bitlinear)
 
 
 # --- b1.58 quantizers against hand-computed values ----------------------------------
@@ -132,6 +132,42 @@ def test_bitlinear_is_the_ste_form(case, dtype):
         assert ours[0][0, 0].tolist() == pytest.approx([16 / 127, 111 / 127, 143 / 127])
         assert ours[0][1, 1].tolist() == pytest.approx([48 / 63.5, -159 / 63.5, -95 / 63.5])
         assert ours[0][0, 1].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_ternary_matmul_one_gradient():
+    """A frozen weight, or an input that needs no gradient: the other gradient alone, the same numbers."""
+    x, w, g = hand_made()
+    _, x_grad, w_grad = forward_backward(ste_reference, x, w, g)
+    x_only, w_only = x.clone().requires_grad_(), w.clone().requires_grad_()
+    TernaryMatmul.apply(x_only, w).backward(g)
+    TernaryMatmul.apply(x, w_only).backward(g)
+    assert torch.equal(x_only.grad, x_grad) and torch.equal(w_only.grad, w_grad)
+
+
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16], ids=['float32', 'autocast-bf16'])
+def test_bitlinear_eager_runs_the_function_compiled_the_ste_form(monkeypatch, dtype):
+    """Eager BitLinear calls TernaryMatmul; under torch.compile it traces the straight-through form
+    (Inductor fuses that one). Both give the reference's numbers. The aot_eager backend runs the
+    traced graph without generating code (seconds, not a minute)."""
+    calls, forward = [], TernaryMatmul.forward
+
+    def counted_forward(ctx, x, w):
+        assert not torch.compiler.is_compiling(), 'torch.compile traced BitLinear through TernaryMatmul'
+        calls.append(1)
+        return forward(ctx, x, w)
+    monkeypatch.setattr(TernaryMatmul, 'forward', staticmethod(counted_forward))
+    x, w, g = random_case()
+    ref = forward_backward(ste_reference, x, w, g, dtype)
+    assert all(map(torch.equal, forward_backward(bitlinear, x, w, g, dtype), ref)) and len(calls) == 1
+    layer = BitLinear(w.size(1), w.size(0))
+    layer.weight.data.copy_(w)
+    compiled = torch.compile(layer, backend='aot_eager', fullgraph=True)
+    xr = x.clone().requires_grad_()
+    with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        y = compiled(xr)
+    y.backward(g.to(y.dtype))
+    for a, b in zip((y, xr.grad, layer.weight.grad), ref):
+        assert torch.equal(a, b)
 
 
 def test_bitlinear_rms_norm_option():
