@@ -69,8 +69,8 @@ def test_train_py_reports_a_bad_flag_in_one_line():
     assert r.returncode == 2 and "quant must be one of b1.58, b1, none" in r.stderr
     r = run('train.py', '--device=cpu', '--cuda_graphs=True')
     assert r.returncode == 2
-    assert r.stderr == "error: cuda_graphs=True needs compile=True on one CUDA GPU (not under torchrun) and "
-                        "gradient_accumulation_steps=1: drop --cuda_graphs=True\n"
+    assert r.stderr == ("error: cuda_graphs=True needs compile=True on one CUDA GPU (not under torchrun) and "
+                        "gradient_accumulation_steps=1: drop --cuda_graphs=True\n")
 
 
 # --- prepare_data -------------------------------------------------------------------------
