@@ -52,6 +52,7 @@ device = 'auto'
 dtype = 'auto'             # 'auto': bfloat16 on CUDA, float32 elsewhere
 compile = None             # None: on for CUDA
 cuda_graphs = None         # train: the compiled step as CUDA graphs (mode='reduce-overhead'); None: on for CUDA
+                           # (decode: the engine always captures its step in CUDA graphs)
 warmup = 10                # untimed steps per variant
 rounds = 5                 # timing rounds; each round times steps_per_round steps of every variant
 steps_per_round = 10
@@ -299,8 +300,7 @@ def bench_decode():
         bandwidth = 2 * a.numel() * 10 / (time.perf_counter() - t0)
         del a, b
     _, device_name = device_peak_flops(device)
-    print(f"device: {device_name}; torch {torch.__version__}; dtype {dtype}; compile {compile}; "
-          f"CUDA graphs {cuda_graphs}")
+    print(f"device: {device_name}; torch {torch.__version__}; dtype {dtype}; compile {compile}")
     print(f"model: {n_layer} layers, {n_head} heads ({n_kv_head or n_head} kv), {n_embd} wide, MLP "
           f"{GPTConfig(n_embd=n_embd, n_head=n_head, intermediate_size=intermediate_size).intermediate_size}, "
           f"vocab {vocab_size}, tied {tie_embeddings}; batch 1, prompt {prompt_len}, {new_tokens} new tokens, "

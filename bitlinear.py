@@ -143,7 +143,7 @@ class TernaryMatmul(torch.autograd.Function):
         dL/dx = (g @ W_t) * s_x            = dL/dy @ W_q
         dL/dW = (g^T @ x_int) / s_w        = dL/dy^T @ x_q
     Eager only: compiled by Inductor for CUDA (PyTorch 2.11), this Function gave zero weight
-    gradients (its in-place operations; out-of-place ones did not), and it was not faster there.
+    gradients (its in-place operations; out-of-place ones did not), and was not measurably faster.
     """
 
     @staticmethod
