@@ -86,9 +86,12 @@ if verify:
               f"{report['n_layers'] - len(bad)} of them exactly {values}")
         print(f"  zero fraction {report['zero_fraction']:.3f}, packed size {report['packed_bits']:.3f} "
               f"bits per weight (2-bit packing) plus one float32 scale per layer")
-        what = 'packed kernels vs unpacked reference' if is_packed(model) else 'training form vs integer weights and scales'
-        print(f"  logits, {what}: max |diff| {report['max_diff']:.3g} "
-              f"(tolerance {report['tol']:.3g})")
+        if is_packed(model):
+            print(f"  logits, packed kernels vs unpacked reference: max |diff| {report['max_diff']:.3g} "
+                  f"(tolerance {report['tol']:.3g})")
+        else:
+            print(f"  each layer's output, training form vs integer weights and scales: max |diff| "
+                  f"{report['max_diff']:.3g} of its largest value (tolerance {report['tol']:.3g})")
         if bad:
             print(f"  not {values}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
         if not report['ok']:

@@ -2,6 +2,7 @@ import os
 import random
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 
@@ -15,6 +16,21 @@ if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(TIKTOKEN_DIR):
 # a tiny model that trains in seconds on two CPU cores
 TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '--n_embd=64',
         '--block_size=32', '--batch_size=16', '--dropout=0.0', '--eval_iters=4']
+
+
+@contextmanager
+def integer_layers(model):
+    """Inside, every BitLinear of model computes bitlinear.integer_forward: the integer line
+    y = (x_int @ W_t^T) * (s_w / s_x) that packed inference computes, instead of training's
+    dequantized product (equal up to float rounding)."""
+    from bitlinear import bitlinear_layers, integer_forward
+    hooks = [m.register_forward_hook(lambda mod, args, out: integer_forward(mod, args[0]))
+             for _, m in bitlinear_layers(model)]
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def run(script, *args, cwd=REPO):

@@ -71,17 +71,15 @@ def test_bitlinear_ste_gradients_are_the_identity():
 
 
 def ste_reference(x, w):
-    """The b1.58 layer in the straight-through form, written out here: x_int = ste(u, round(u)),
-    W_t = ste(v, round(v)), scales detached, y = (x_int @ W_t^T) * (s_w / s_x)."""
+    """The b1.58 layer in the straight-through form of the FAQ's code, written out here:
+    x_q = x_int / s_x and W_q = W_t * s_w, each q.detach() + (v - v.detach()), scales detached,
+    y = x_q @ W_q^T."""
     x = x.float()
     s_x = (127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)).detach()
-    u = x * s_x
-    x_int = u + (u.round().clamp(-128, 127) - u).detach()
+    x_q = (x * s_x).round().clamp(-128, 127) / s_x
     s_w = w.abs().mean().clamp(min=1e-5).detach()
-    v = w / s_w
-    w_t = v + (v.round().clamp(-1, 1) - v).detach()
-    y = F.linear(x_int, w_t)
-    return y * (s_w / s_x).to(y.dtype)
+    w_q = (w / s_w).round().clamp(-1, 1) * s_w
+    return F.linear(x_q.detach() + (x - x.detach()), w_q.detach() + (w - w.detach()))
 
 
 def hand_made():
@@ -268,11 +266,13 @@ def test_report_flags_non_ternary_layers():
 
 
 @pytest.mark.parametrize('quant', ['b1.58', 'b1'])
-def test_verify_passes_with_exact_equality(quant):
+def test_verify_passes_within_float32_rounding(quant):
+    """Training's dequantized product equals the integer product up to float32 rounding: far
+    inside verify's tolerance (1e-5 of the largest logit)."""
     model = tiny_model(quant)
     report = verify_bitlinear(model, torch.randint(20, (2, 16)))
     assert report['ok'] and report['n_layers'] == 14
-    assert report['max_diff'] == 0.0
+    assert report['max_diff'] < 1e-6 and report['tol'] == 1e-5
     assert report['packed_bits'] == 2.0
 
 

@@ -412,7 +412,8 @@ def test_sample_from_hf_dir_equals_sample_from_checkpoint(checkpoints, exports):
     a = script('sample.py', f'--ckpt_path={checkpoints["gqa"][0]}', *common)
     b = script('sample.py', f'--ckpt_path=hf:{exports["gqa", "packed"]}', *common)
     assert a.returncode == 0 and b.returncode == 0, b.stderr
-    assert 'PASS' in b.stdout and 'max |diff| 0 ' in b.stdout
+    assert 'PASS' in a.stdout and 'PASS' in b.stdout
+    assert "each layer's output, training form vs integer weights and scales" in b.stdout
     samples = lambda r: r.stdout.split('PASS\n', 1)[1]
     assert samples(b) == samples(a) and samples(a).startswith('ROMEO:')
 

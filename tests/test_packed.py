@@ -6,7 +6,7 @@ import torch
 
 from bitlinear import pack_ternary, quantize_weight, unpack_ternary
 from checkpoint import load_checkpoint, save_checkpoint
-from conftest import run
+from conftest import integer_layers, run
 from model import GPT, GPTConfig
 from packed import (PackedLinear, is_packed, load_packed, pack_model, packed_linear_reference, packed_state_dict,
                     save_packed, verify_packed)
@@ -21,16 +21,21 @@ def make(**kw):
 
 @pytest.mark.parametrize('kw', [{}, {'n_kv_head': 2}, {'tie_embeddings': True}])
 def test_packed_model_equals_training_form(kw):
+    """Packed logits equal the training form's computed through the integer line, bit for bit on
+    the CPU. (Training's own dequantized product differs from it by float rounding, which can flip
+    an activation that sits on a rounding boundary in a later layer; verify_bitlinear checks that
+    form layer by layer.)"""
     model = make(**kw)
     idx = torch.randint(40, (3, 32))
     with torch.no_grad():
-        ref, _ = model(idx, idx)
-        greedy = model.generate(idx[:, :4], 40, temperature=0)
+        with integer_layers(model):
+            ref, _ = model(idx, idx)
+            greedy = model.generate(idx[:, :4], 40, temperature=0)
         assert model.pack() is model
         out, _ = model(idx, idx)
         assert torch.equal(model.generate(idx[:, :4], 40, temperature=0), greedy)
     assert is_packed(model)
-    assert torch.equal(out, ref)   # the same integer products and rescaling, bit for bit on the CPU
+    assert torch.equal(out, ref)   # the same integer products and rescaling
     assert not any(n.endswith('_proj.weight') for n, _ in model.named_parameters())   # no latent weights
 
 
@@ -69,14 +74,15 @@ def test_fused_gate_up_layout_and_epilogues():
 
 
 def test_packed_linear_applies_its_norm():
-    from bitlinear import BitLinear, RMSNorm
+    from bitlinear import BitLinear, RMSNorm, integer_forward
     torch.manual_seed(0)
     layer = BitLinear(16, 7)
     norm = RMSNorm(16)
     norm.weight.data.uniform_(0.5, 1.5)
     x = torch.randn(4, 16)
     packed = PackedLinear([quantize_weight(layer.weight)])
-    assert torch.equal(packed(x, norm), layer(norm(x)))
+    assert torch.equal(packed(x, norm), integer_forward(layer, norm(x)))
+    assert torch.allclose(packed(x, norm), layer(norm(x)), rtol=1e-5, atol=1e-6)
 
 
 def test_save_load_round_trip_in_hugging_face_layout(tmp_path):
