@@ -14,8 +14,10 @@ a latent float weight W (out, in). Every forward:
 That last line is the reference's "inference with stored integers" (packed.py runs it).
 Training computes it in the dequantized form of the FAQ's code, y = x_q @ W_q^T with
 x_q = x_int / s_x and W_q = W_t * s_w: the same number up to the rounding of x_q and W_q
-(in float32 the logits agree with the integer line to about 1e-6 of their magnitude; under
-bf16 autocast the matmul's inputs carry bf16 rounding, as a float model's do). The
+(in float32 a layer's output agrees with the integer line to within about 1e-6 of its magnitude;
+under bf16 autocast the matmul's inputs carry bf16 rounding, as a float model's do). Such a
+difference can make a later layer round an activation that sits on a rounding boundary the
+other way, so verify_bitlinear compares layer by layer. The
 straight-through estimator treats round/clamp as the identity in the backward pass, so with the
 scales detached dy/dx = W_q and dy/dW = x_q: the backward pass is a float layer's two matmuls,
 with no rescaling of gradients. That is what keeps a b1.58 training step close to a float one
@@ -33,7 +35,8 @@ BitNet b1 (arXiv 2310.11453), the original 1-bit layer:
     y     = (x_q @ W_b^T) * (beta * gamma / Q_b) + bias
 
 The paper's formula has no rounding step; without one bit_width would do nothing, so we
-round (with the straight-through estimator). Its range [-Q_b, Q_b] holds 2^b + 1 integers.
+round (with the straight-through estimator). Training computes y in the dequantized form too,
+(x_q * gamma / Q_b) @ (W_b * beta)^T + bias. Its range [-Q_b, Q_b] holds 2^b + 1 integers.
 gamma is per token, not per tensor: a per-tensor max over (B, T) would let a future token's
 magnitude change how a past token is quantized, which breaks causal language modelling.
 

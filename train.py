@@ -34,7 +34,7 @@ from model import GPT, QUANT_MODES, GPTConfig, device_peak_flops
 # I/O
 out_dir = 'out'
 eval_interval = 250        # evaluate (and maybe checkpoint) every this many iterations, and at the end
-log_interval = 10          # print the training loss every this many iterations
+log_interval = 10          # print the training loss and the mean time per iteration every this many iterations
 eval_iters = 200           # batches per split in an evaluation
 eval_only = False          # evaluate once and exit
 always_save_checkpoint = False  # save at every evaluation, not only when val loss improves
@@ -308,7 +308,7 @@ pbar = tqdm(total=max_iters, initial=iter_num, unit='it', dynamic_ncols=True,
             disable=not (master_process and sys.stderr.isatty()))
 running_mfu = None
 local_iter = 0  # iterations of this process (the first ones include compilation)
-t0 = time.time()
+t0, timed = time.time(), 0  # the clock and the iterations run since the last log or evaluation
 while True:
     lr, wd = get_lr(iter_num), get_weight_decay(iter_num)
     for group in optimizer.param_groups:
@@ -330,7 +330,7 @@ while True:
                                  best_val_loss=best_val_loss, best_iter=best_iter, config=config,
                                  tokenizer=meta), ckpt_path)
             tqdm.write(f"saved checkpoint to {ckpt_path}")
-        t0 = time.time()  # evaluation time is not training time
+        t0, timed = time.time(), 0  # evaluation time is not training time
     if iter_num >= max_iters or eval_only:
         break
 
@@ -351,10 +351,14 @@ while True:
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
 
-    t1 = time.time()
-    dt, t0 = t1 - t0, t1
+    timed += 1
     if master_process and iter_num % log_interval == 0:
-        lossf = loss.item() * gradient_accumulation_steps  # a CPU-GPU sync point
+        # a CPU-GPU sync point: the GPU has finished every iteration since t0. Timing the iterations
+        # between two syncs, not the host's time for the last one, which can run ahead of the GPU
+        # (CUDA graphs) or wait for a backlog
+        lossf = loss.item() * gradient_accumulation_steps
+        t1 = time.time()
+        dt, t0, timed = (t1 - t0) / timed, t1, 0
         mfu = raw_model.estimate_mfu(tokens_per_iter, block_size, dt, peak_flops)
         if mfu is not None and local_iter >= 5:
             running_mfu = mfu if running_mfu is None else 0.9 * running_mfu + 0.1 * mfu
