@@ -120,7 +120,8 @@ def _tile_scales(scale_ptr, res_row, t, R, N, EPILOGUE: tl.constexpr, BLOCK_R: t
 @triton.jit
 def _finish_tile(c, s_x, s, r, y_row, t, R, N, EPILOGUE: tl.constexpr, BLOCK_R: tl.constexpr):
     """c (BLOCK_R, 2, 2): tile t's exact sums x . w -> rescaled by row_scale / s_x (the order of
-    the training form), then the epilogue (+ residual r, or relu(gate)^2 * up), stored."""
+    the integer line, bitlinear.integer_forward), then the epilogue (+ residual r, or
+    relu(gate)^2 * up), stored."""
     y = c.to(tl.float32) * (s / s_x)
     outs, omask = _outputs(t, R, BLOCK_R)
     if EPILOGUE == 2:  # fused [gate; up], N = 2R: outputs r + iR are gate (k = 0) and up (k = 1)
