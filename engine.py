@@ -9,34 +9,22 @@ attention runs over the whole buffer under a mask, so one decoding step has no s
 Python values that change between tokens. That step (embedding, every block, the final norm
 and lm_head) is compiled by torch.compile to fuse the small element-wise work, then captured
 once in a CUDA graph; each new token is one graph replay, so kernel launch overhead, which
-would otherwise dominate a batch-1 step of a 30-layer model, is paid once. Greedy decoding
-(temperature 0) keeps the whole loop on the GPU: a step also takes the argmax, writes the token
-where the next step reads it and into an output buffer, and one graph holds STEPS such steps,
-so the host only replays it. The prompt is
+would otherwise dominate a batch-1 step of a 30-layer model, is paid once. The step ends in
+one op, torch.ops.bitnet.lm_head_argmax (a Triton GEMV on CUDA), that returns the logits and the
+greedy token together. Greedy decoding (temperature 0) keeps the whole loop on the GPU: a step
+writes its token where the next step reads it and into an output buffer, and one graph holds
+STEPS such steps, so the host only replays it. The prompt is
 prefilled by the ordinary forward pass, captured in a CUDA graph of its own per prompt length
 (the last few lengths are kept), so a repeated prompt length costs one replay. The float
 model and the packed model run through the same engine, so their speeds compare fairly.
 """
 
 import torch
-import torch.nn.functional as F
 
 from model import StaticKVCache, sample
 
 if torch.cuda.is_available():
     import ternary_kernels  # noqa: F401  (registers the CUDA kernels of the decode ops)
-
-
-def greedy_token(logits, chunks=256):
-    """logits (B, V) -> (B, 1): the index of the first maximum, as logits.argmax(-1) picks it, in two
-    stages (the first maximum of each of `chunks` slices, then the first slice holding the largest):
-    torch's argmax of a single row runs in one block of threads, 36 us for 128256 logits on an H100."""
-    B, V = logits.shape
-    size = -(-V // chunks)
-    padded = F.pad(logits, (0, size * chunks - V), value=float('-inf'))
-    values, idx = padded.view(B, chunks, size).max(dim=-1)
-    best = values.argmax(dim=-1, keepdim=True)
-    return best * size + idx.gather(1, best)
 
 
 class Engine:
@@ -64,24 +52,29 @@ class Engine:
         self.graph = None
         self.logits = None
         self.greedy_graphs = None   # (graph of one greedy step, graph of STEPS greedy steps)
-        self.prefills = {}  # prompt length -> (prompt buffer, CUDA graph, logits)
+        self.prefills = {}  # prompt length -> (prompt buffer, CUDA graph, (logits, greedy token))
+
+    def _head(self, idx):
+        """idx (B, T) at positions cache.pos ... -> the last position's logits (B, vocab) and
+        greedy token (B, 1), from one op (ternary_kernels.lm_head_kernel on CUDA)."""
+        x = self.model.hidden(idx, kv_cache=self.cache)[:, -1, :]
+        return torch.ops.bitnet.lm_head_argmax(x, self.model.lm_head.weight)
 
     def _step(self):
-        """One decoding step: the token in self.tokens at position cache.pos -> logits (B, vocab)."""
-        logits, _ = self.model(self.tokens, kv_cache=self.cache)
-        return logits[:, -1, :]
+        """One decoding step: the token in self.tokens at position cache.pos -> logits, greedy token."""
+        return self._head(self.tokens)
 
     def _greedy_steps(self, n):
         """n greedy steps: each feeds self.tokens at cache.pos, and its argmax becomes both the
         next step's token and self.out[:, new position]."""
         for _ in range(n):
-            token = greedy_token(self.step())                                # (B, 1)
+            _, token = self.step()                                            # (B, 1)
             self.tokens.copy_(token)
             self.out.index_copy_(1, self.cache.pos.view(1), token)
 
     def _prefill(self):
-        """The prompt in self.prompt (B, T), written into the cache from position 0 -> logits (B, vocab)."""
-        return self.model(self.prompt, kv_cache=self.cache)[0][:, -1, :]
+        """The prompt in self.prompt (B, T), written into the cache from position 0 -> logits, greedy token."""
+        return self._head(self.prompt)
 
     def _capture(self, fn):
         """Warm up fn (compile, autotune) on a side stream, then record it in a CUDA graph ->
@@ -102,7 +95,8 @@ class Engine:
         return graph, out
 
     def prefill(self, idx):
-        """Write the prompt idx (B, T) into the cache from position 0 -> last logits (B, vocab)."""
+        """Write the prompt idx (B, T) into the cache from position 0 -> last logits (B, vocab),
+        greedy token (B, 1)."""
         self.cache.pos.zero_()
         T = idx.size(1)
         if T not in self.prefills:
@@ -110,10 +104,10 @@ class Engine:
                 del self.prefills[next(iter(self.prefills))]   # the oldest length
             self.prompt = idx.clone()
             self.prefills[T] = (self.prompt,) + self._capture(self._prefill)
-        prompt, graph, logits = self.prefills[T]
+        prompt, graph, head = self.prefills[T]
         prompt.copy_(idx)
         graph.replay()
-        return logits
+        return head
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None):
@@ -125,11 +119,11 @@ class Engine:
             raise ValueError(f"{T} + {max_new_tokens} tokens do not fit max_len {self.max_len}")
         if temperature == 0 and self.greedy_graphs is None:
             self._capture_greedy()
-        logits = self.prefill(idx)
+        logits, token = self.prefill(idx)
         if temperature == 0:
-            return self._generate_greedy(idx, logits, max_new_tokens)
+            return self._generate_greedy(idx, token, max_new_tokens)
         if self.graph is None:
-            self.graph, self.logits = self._capture(self.step)
+            self.graph, (self.logits, _) = self._capture(self.step)
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=self.device)
         for i in range(max_new_tokens):
             out[:, i] = sample(logits, temperature, top_k)[:, 0]
@@ -146,12 +140,11 @@ class Engine:
         self.cache.pos.zero_()
         self.greedy_graphs = [self._capture(lambda n=n: self._greedy_steps(n))[0] for n in (1, self.steps)]
 
-    def _generate_greedy(self, idx, logits, max_new_tokens):
+    def _generate_greedy(self, idx, token, max_new_tokens):
         T = idx.size(1)
         if max_new_tokens == 0:
             return idx.clone()
         one, many = self.greedy_graphs
-        token = greedy_token(logits)
         self.tokens.copy_(token)
         self.out[:, T:T + 1] = token
         left = max_new_tokens - 1

@@ -111,6 +111,24 @@ def _(qkv, k_cache, v_cache, pos, cos, sin, n_head):
     return qkv.new_empty(qkv.size(0), n_head * k_cache.size(3))
 
 
+def lm_head_argmax_reference(x, weight):
+    """The decoding head: x (B, C), the final hidden states -> logits (B, vocab) in x's dtype and
+    the greedy token (B, 1), the index of each row's first maximum (as argmax picks it)."""
+    logits = F.linear(x, weight)
+    return logits, logits.argmax(dim=-1, keepdim=True)
+
+
+@torch.library.custom_op('bitnet::lm_head_argmax', mutates_args=())
+def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lm_head_argmax_reference as one op; on CUDA one Triton kernel (ternary_kernels.py)."""
+    return lm_head_argmax_reference(x, weight)
+
+
+@lm_head_argmax.register_fake
+def _(x, weight):
+    return x.new_empty(x.size(0), weight.size(0)), x.new_empty(x.size(0), 1, dtype=torch.long)
+
+
 class KVCache:
     """Keys and values of every layer, preallocated: (n_layer, B, n_kv_head, max_len, head_dim).
     pos (a Python int) counts the positions already written; generate() uses this one."""
@@ -299,6 +317,15 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> logits (B, T, vocab), loss (or None without targets).
         With a kv_cache, idx holds the positions kv_cache.pos .. pos + T - 1, which are written
         into the cache; without targets only the last position's logits are computed."""
+        x = self.hidden(idx, kv_cache)
+        if targets is None:
+            return self.lm_head(x[:, -1:, :]), None                      # (B, 1, vocab)
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def hidden(self, idx, kv_cache=None):
+        """idx (B, T) -> the final hidden states (B, T, n_embd), normed: what lm_head reads."""
         B, T = idx.size()
         if kv_cache is None:
             if T > self.config.block_size:
@@ -312,11 +339,7 @@ class GPT(nn.Module):
         x = self.model.norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)
-        if targets is None:
-            return self.lm_head(x[:, -1:, :]), None                      # (B, 1, vocab)
-        logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+        return x
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):

@@ -21,6 +21,10 @@ Decode attention (torch.ops.bitnet.decode_attention, model.py): one program per 
 sequence) streams the cached keys and values of positions 0 .. pos once, for all the query
 heads that share them (grouped-query attention), with an online softmax.
 
+The decoding head (torch.ops.bitnet.lm_head_argmax, model.py): logits = x @ lm_head^T as a
+GEMV over blocks of vocabulary rows, each block also leaving its first maximum, and the last
+block to finish picking the greedy token, so greedy decoding needs no separate argmax kernels.
+
 Prefill (M > 16): the weights are unpacked to int8 once per call and multiplied on the int8
 tensor cores (torch._int_mm, int32 accumulation, exact), then rescaled; bench.py compares it
 with unpacking to bfloat16 and a bfloat16 matmul.
@@ -34,7 +38,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from model import decode_attention, decode_attention_reference
+from model import decode_attention, decode_attention_reference, lm_head_argmax, lm_head_argmax_reference
 from bitlinear import unpack_ternary
 from packed import packed_linear, packed_linear_reference
 
@@ -412,3 +416,74 @@ def decode_attention_cuda(qkv, k_cache, v_cache, pos, cos, sin, n_head):
         NH=n_head, NKV=NKV, G=G, HD=HD, BLOCK_G=max(16, triton.next_power_of_2(G)),
         BLOCK_N=64 if ieee else 128, IEEE=ieee, num_warps=4 if ieee else 8)
     return out
+
+
+@functools.cache
+def _done_counts(device, kernel):
+    """A kernel's done-counters (one per unit of work that its last program finishes), zero
+    between calls: the finishing program sets its own back. One buffer per device and kernel,
+    allocated at its first call (the engine's warm-up, before any CUDA graph is captured)."""
+    return torch.zeros(4096, dtype=torch.int32, device=device)
+
+
+@triton.jit
+def lm_head_kernel(x_ptr, w_ptr, y_ptr, best_ptr, at_ptr, count_ptr, token_ptr, V, C, BLOCKS,
+                   BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr):
+    """logits = x @ w^T for decoding, and the greedy token: program (block, m) computes the
+    logits of rows block * BLOCK_V ... of w for row m of x, stores them in y's dtype, and leaves
+    the first of their maxima (value and index, of the stored values) in best_ptr / at_ptr; the
+    last program of row m to finish finds the first maximum over the blocks, writes its index
+    to token_ptr and sets the row's count back to 0."""
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    rows = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    rmask = rows < V
+    acc = tl.zeros([BLOCK_V, BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        x = tl.load(x_ptr + m * C + cols, mask=cols < C, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & (cols[None, :] < C), other=0.0,
+                    eviction_policy='evict_first')   # read once: keep L2 for the rest
+        acc += w.to(tl.float32) * x[None, :]
+    y = tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + m * V + rows, y, mask=rmask)
+    yf = tl.where(rmask, y.to(tl.float32), float('-inf'))
+    tl.store(best_ptr + m * BLOCKS + pid, tl.max(yf, axis=0))
+    tl.store(at_ptr + m * BLOCKS + pid, pid * BLOCK_V + tl.argmax(yf, axis=0, tie_break_left=True))
+    tl.debug_barrier()                                           # every thread's stores before the count
+    done = tl.atomic_add(count_ptr + m, 1, sem='acq_rel')
+    if done == BLOCKS - 1:
+        tl.atomic_xchg(count_ptr + m, 0, sem='relaxed')
+        # lane j keeps the first maximum of blocks j, j + BLOCK_B, ...; then the first lane's of the largest
+        best = tl.full([BLOCK_B], float('-inf'), dtype=tl.float32)
+        first = tl.zeros([BLOCK_B], dtype=tl.int32)
+        for b0 in range(0, BLOCKS, BLOCK_B):
+            blocks = b0 + tl.arange(0, BLOCK_B)
+            v = tl.load(best_ptr + m * BLOCKS + blocks, mask=blocks < BLOCKS, other=float('-inf'), cache_modifier='.cg')
+            take = v > best
+            best = tl.where(take, v, best)
+            first = tl.where(take, blocks, first)
+        top = tl.max(best, axis=0)
+        block = tl.min(tl.where(best == top, first, BLOCKS), axis=0)
+        tl.store(token_ptr + m, tl.load(at_ptr + m * BLOCKS + block, cache_modifier='.cg').to(tl.int64))
+
+
+LM_HEAD_BLOCK_V, LM_HEAD_BLOCK_C, LM_HEAD_WARPS = 64, 256, 4   # fixed (not autotuned): the float sums' order with them
+
+
+@lm_head_argmax.register_kernel('cuda')
+def lm_head_argmax_cuda(x, weight):
+    B, C = x.shape
+    V = weight.size(0)
+    if not weight.is_contiguous() or B > 4096:
+        return lm_head_argmax_reference(x, weight)
+    x = x.contiguous()
+    blocks = triton.cdiv(V, LM_HEAD_BLOCK_V)
+    logits = torch.empty(B, V, device=x.device, dtype=x.dtype)
+    best = torch.empty(B, blocks, device=x.device, dtype=torch.float32)
+    at = torch.empty(B, blocks, device=x.device, dtype=torch.int32)
+    token = torch.empty(B, 1, device=x.device, dtype=torch.long)
+    lm_head_kernel[(blocks, B)](x, weight, logits, best, at, _done_counts(x.device, 'lm_head'), token, V, C, blocks,
+                                BLOCK_V=LM_HEAD_BLOCK_V, BLOCK_C=LM_HEAD_BLOCK_C,
+                                BLOCK_B=min(4096, triton.next_power_of_2(blocks)), num_warps=LM_HEAD_WARPS)
+    return logits, token

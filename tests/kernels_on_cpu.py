@@ -19,7 +19,7 @@ import triton.language as tl  # noqa: E402
 
 import ternary_kernels as kernels  # noqa: E402
 from bitlinear import pack_ternary  # noqa: E402
-from model import decode_attention_reference, rotary_tables  # noqa: E402
+from model import decode_attention_reference, lm_head_argmax_reference, rotary_tables  # noqa: E402
 from packed import packed_linear_reference  # noqa: E402
 
 
@@ -81,6 +81,27 @@ def attention_case(nh, nkv, hd, pos):
     torch.testing.assert_close(k[:, :, pos], k_ref[:, :, pos], rtol=1e-5, atol=1e-5)   # the rotated key written
 
 
+def lm_head_case(B, V, C, ties, block_b):
+    """ties: rows of the weight that all give the largest logit of every row of x."""
+    g = torch.Generator().manual_seed(V + C)
+    x = torch.randn(B, C, generator=g)
+    w = torch.randn(V, C, generator=g) * 0.1
+    for r in ties:
+        w[r] = x.sum(0)   # the same row, the largest logit of every row of x
+    blocks = triton.cdiv(V, 16)
+    logits = torch.empty(B, V)
+    best, at = torch.full((B, blocks), float('nan')), torch.full((B, blocks), -1, dtype=torch.int32)
+    count, token = torch.zeros(B, dtype=torch.int32), torch.full((B, 1), -1)
+    kernels.lm_head_kernel[(blocks, B)](x, w, logits, best, at, count, token, V, C, blocks,
+                                        BLOCK_V=16, BLOCK_C=32, BLOCK_B=block_b)
+    ref_logits, ref_token = lm_head_argmax_reference(x, w)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(token, logits.argmax(-1, keepdim=True))   # the first maximum of its own logits
+    if ties:
+        assert token.flatten().tolist() == [min(ties)] * B and torch.equal(token, ref_token)
+    assert count.eq(0).all()   # the finishing program set its count back
+
+
 GEMV_CASES = [  # M, K, out, epilogue, norm, dtype, block_r
     (1, 64, 64, 0, False, torch.float32, 2),
     (3, 200, 13, 1, False, torch.float32, 2),
@@ -97,6 +118,11 @@ if __name__ == '__main__':
         for row_kernel in (True, False):
             gemv_case(*case, row_kernel=row_kernel)
             print('ok', 'row kernel' if row_kernel else 'loop kernel', *case[:5], case[5], flush=True)
+    # 7 blocks of 16 rows (the last one partial), C = 48 in steps of 32; the final argmax walks
+    # the blocks 2 or 8 at a time; tied maxima in different blocks, in one block, in the last one
+    for case in [(2, 100, 48, [], 2), (2, 100, 48, [40, 90, 5], 2), (1, 100, 48, [33, 34], 8), (3, 100, 48, [99], 2)]:
+        lm_head_case(*case)
+        print('ok lm_head', *case, flush=True)
     for case in [(4, 4, 32, 0), (4, 2, 64, 40), (6, 1, 32, 95)]:
         attention_case(*case)
         print('ok attention', *case, flush=True)

@@ -76,6 +76,26 @@ def test_decode_attention_kernel_matches_reference(dtype, nh, nkv, hd, pos):
     torch.testing.assert_close(v[:, :, pos], v_ref[:, :, pos])
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('B,V,C', [(1, 128256, 2560), (2, 50257, 768), (3, 80, 128)])
+def test_lm_head_kernel_matches_reference(dtype, B, V, C):
+    import ternary_kernels  # noqa: F401
+    from model import lm_head_argmax, lm_head_argmax_reference
+    g = torch.Generator(device='cuda').manual_seed(V)
+    x = torch.randn(B, C, device='cuda', generator=g).to(dtype)
+    w = (torch.randn(V, C, device='cuda', generator=g) * 0.02).to(dtype)
+    ref_logits, ref_token = lm_head_argmax_reference(x, w)
+    logits, token = lm_head_argmax(x, w)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=tol, atol=tol)
+    assert torch.equal(token, logits.argmax(dim=-1, keepdim=True))   # the first maximum of its own logits
+    ties = [V // 3, V // 2, V - 1]
+    w[ties] = x.float().sum(0).to(dtype)   # three equal rows: the largest logit of every row of x
+    for _ in range(2):   # again: the done-counts are back at 0
+        logits, token = lm_head_argmax(x, w)
+        assert token.flatten().tolist() == [V // 3] * B
+
+
 def tiny_gpt(quant='b1.58', **kw):
     from model import GPT, GPTConfig
     torch.manual_seed(0)
