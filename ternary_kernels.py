@@ -10,12 +10,13 @@ Decode (M <= 16 rows): one Triton kernel does the whole layer for each row of x:
      rows, i.e. 4 * BLOCK_R outputs (rows r, r + R, r + 2R, r + 3R), reads their bytes once
      as int32 words, and accumulates exact integer sums with dp4a (four int8 products per
      instruction): the 2-bit codes c = w + 1 of one row sit in a word's bytes after a shift
-     and a mask, and sum(x * w) = sum(x * c) - sum(x), so each word's sum starts from minus
-     its four activations; the four rows' sums are reduced together, as one (BLOCK_R, 2, 2) tile;
+     and a mask, and sum(x * w) = sum(x * c) - sum(x), so each sum starts from minus the
+     activations; the four rows' sums are reduced together, as one (BLOCK_R, 2, 2) tile;
   3. the epilogue: rescale by row_scale / s_x, then add the residual or apply relu(gate)^2 * up.
-packed_gemv_row_kernel holds a whole row (K <= 8192) in registers and is persistent (a few
-programs per SM walk over the tiles, the next tile always in flight); packed_gemv_kernel loops
-over K for wider rows. The weight bytes are read exactly once per row of x.
+packed_gemv_row_kernel holds a whole row (K <= 8192) in registers, in chunks of 128 words, and
+is persistent (a few programs per SM walk over the tiles, the next tile always in flight);
+packed_gemv_kernel loops over K for wider rows. The weight bytes are read exactly once per row
+of x.
 
 Decode attention (torch.ops.bitnet.decode_attention, model.py): one program per (kv head,
 sequence) streams the cached keys and values of positions 0 .. pos once, for all the query
@@ -100,17 +101,6 @@ def _outputs(t, R, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _tile_loads(w_ptr, scale_ptr, res_row, t, R, K4, N,
-                EPILOGUE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Tile t's words (BLOCK_R, BLOCK_W), scales and (EPILOGUE 1) residuals (BLOCK_R, 2, 2)."""
-    rows = t * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_w = tl.arange(0, BLOCK_W)
-    p = tl.load(w_ptr + rows[:, None] * K4 + offs_w[None, :], mask=(rows[:, None] < R) & (offs_w[None, :] < K4), other=0)
-    s, r = _tile_scales(scale_ptr, res_row, t, R, N, EPILOGUE, BLOCK_R)
-    return p, s, r
-
-
-@triton.jit
 def _tile_scales(scale_ptr, res_row, t, R, N, EPILOGUE: tl.constexpr, BLOCK_R: tl.constexpr):
     """Tile t's row scales and (EPILOGUE 1) residuals, (BLOCK_R, 2, 2) in float32."""
     outs, omask = _outputs(t, R, BLOCK_R)
@@ -140,6 +130,18 @@ def _finish_tile(c, s_x, s, r, y_row, t, R, N, EPILOGUE: tl.constexpr, BLOCK_R: 
         tl.store(y_row + outs, y.to(y_row.dtype.element_ty), mask=omask & (outs < N))
 
 
+@triton.jit
+def _tile_words(w_ptr, t, R, K4, BLOCK_R: tl.constexpr, CH: tl.constexpr, J: tl.constexpr):
+    """Tile t's words as J chunks of (BLOCK_R, CH): words j * CH ... of packed rows t * BLOCK_R ..."""
+    rows = t * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs = tl.arange(0, CH)
+    chunks = ()
+    for j in tl.static_range(J):
+        chunks = chunks + (tl.load(w_ptr + rows[:, None] * K4 + j * CH + offs[None, :],
+                                   mask=(rows[:, None] < R) & (j * CH + offs[None, :] < K4), other=0),)
+    return chunks
+
+
 @triton.autotune(
     configs=[triton.Config({'BLOCK_R': r, 'WAVES': v}, num_warps=w)
              for r in (1, 2, 4) for w in (4, 8) for v in (1, 2, 4)],
@@ -147,44 +149,70 @@ def _finish_tile(c, s_x, s, r, y_row, t, R, N, EPILOGUE: tl.constexpr, BLOCK_R: 
 )
 @triton.jit
 def packed_gemv_row_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
-                           K, R, N, eps, DECODE,
-                           HAS_NORM: tl.constexpr, X_LOWP: tl.constexpr, NORM_LOWP: tl.constexpr,
-                           EPILOGUE: tl.constexpr, BLOCK_W: tl.constexpr, ASM: tl.constexpr,
-                           BLOCK_R: tl.constexpr, WAVES: tl.constexpr):
-    """packed_gemv_kernel for rows that fit in registers (K <= 4 * BLOCK_W), persistent: a few
-    programs per SM (WAVES) each quantize the row once and then walk over tiles of BLOCK_R
-    packed rows, tile t, t + programs, ... The next tile's words, scales and residuals are
-    always in flight while the current one is multiplied, and the first tile's while the
-    activations are prepared:
-    a decoding step is a chain of such small kernels, so their latency is what counts."""
+                             K, R, N, eps, DECODE,
+                             HAS_NORM: tl.constexpr, X_LOWP: tl.constexpr, NORM_LOWP: tl.constexpr,
+                             EPILOGUE: tl.constexpr, CH: tl.constexpr, J: tl.constexpr, ASM: tl.constexpr,
+                             BLOCK_R: tl.constexpr, WAVES: tl.constexpr):
+    """packed_gemv_kernel for rows held in registers (K <= 4 * CHUNK_WORDS * J), persistent: a
+    few programs per SM (WAVES) each quantize the row once and then walk over tiles of BLOCK_R
+    packed rows, tile t, t + programs, ... The next tile's words, scales and residuals are always
+    in flight while the current one is multiplied, and the first tile's while the activations are
+    prepared: a decoding step is a chain of such small kernels, so their latency is what counts.
+    The row is cut into J chunks of CH words (CH a power of two, J * CH >= K / 4), not padded to a
+    power of two as a whole (2560 inputs: 640 words, not 1024), and each chunk's dp4a adds onto the
+    previous chunk's sums, so a tile's exact sums take one reduction over CH lanes at the end."""
     pid = tl.program_id(0)
     m = tl.program_id(1)
     programs = tl.num_programs(0)
     K4 = K // 4
     y_row = y_ptr + m * N
     res_row = res_ptr + m * N
-    # the first tile in flight: its words, its scales and (EPILOGUE 1) its residuals
-    p_next, s_next, r_next = _tile_loads(w_ptr, scale_ptr, res_row, pid, R, K4, N, EPILOGUE, BLOCK_R, BLOCK_W)
-    # the activations, read once: RMSNorm, absmax, int8, four to a word
-    kk = 4 * tl.arange(0, BLOCK_W)[:, None] + tl.arange(0, 4)[None, :]               # (BLOCK_W, 4)
+    p_next = _tile_words(w_ptr, pid, R, K4, BLOCK_R, CH, J)
+    s_next, r_next = _tile_scales(scale_ptr, res_row, pid, R, N, EPILOGUE, BLOCK_R)
+    # the activations, read once: RMSNorm, absmax, int8, four to a word, chunk by chunk
     x_row = x_ptr + m * K
-    xk = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
-    nw = 1.0
+    kk = 4 * tl.arange(0, CH)[:, None] + tl.arange(0, 4)[None, :]                     # (CH, 4)
+    xs = ()
+    nws = ()
+    ss = tl.zeros([CH, 4], dtype=tl.float32)
+    for j in tl.static_range(J):
+        xk = tl.load(x_row + 4 * j * CH + kk, mask=4 * j * CH + kk < K, other=0.0).to(tl.float32)
+        xs = xs + (xk,)
+        ss += xk * xk
+        if HAS_NORM:
+            nws = nws + (tl.load(norm_ptr + 4 * j * CH + kk, mask=4 * j * CH + kk < K, other=0.0).to(tl.float32),)
     rstd = 1.0
     if HAS_NORM:
-        nw = tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(xk * xk, axis=1), axis=0) / K + eps)
-    xk = _normalize(xk, nw, rstd, x_row.dtype.element_ty, HAS_NORM, X_LOWP, NORM_LOWP)
-    s_x = 127.0 / tl.maximum(tl.max(tl.max(tl.abs(xk), axis=1), axis=0), 1e-5)
-    xw, neg = _quantize_words(xk, s_x)   # so one reduction per tile gives the exact sums
-    xw = tl.broadcast_to(xw[None, :], (BLOCK_R, BLOCK_W))
-    neg = tl.broadcast_to(neg[None, :], (BLOCK_R, BLOCK_W))
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(ss, axis=1), axis=0) / K + eps)
+    amax = tl.zeros([CH, 4], dtype=tl.float32)
+    xn = ()
+    for j in tl.static_range(J):
+        nw = 1.0
+        if HAS_NORM:
+            nw = nws[j]
+        xk = _normalize(xs[j], nw, rstd, x_row.dtype.element_ty, HAS_NORM, X_LOWP, NORM_LOWP)
+        xn = xn + (xk,)
+        amax = tl.maximum(amax, tl.abs(xk))
+    s_x = 127.0 / tl.maximum(tl.max(tl.max(amax, axis=1), axis=0), 1e-5)
+    xw = ()
+    neg = tl.zeros([CH], dtype=tl.int32)
+    for j in tl.static_range(J):
+        w_j, n_j = _quantize_words(xn[j], s_x)
+        xw = xw + (tl.broadcast_to(w_j[None, :], (BLOCK_R, CH)),)
+        neg += n_j
+    neg = tl.broadcast_to(neg[None, :], (BLOCK_R, CH))   # each lane's dp4a sums start from minus its activations
     for t in range(pid, tl.cdiv(R, BLOCK_R), programs):
         p, s, r = p_next, s_next, r_next
-        p_next, s_next, r_next = _tile_loads(w_ptr, scale_ptr, res_row, t + programs, R, K4, N, EPILOGUE, BLOCK_R, BLOCK_W)
-        d = tl.join(tl.join(_dp4a(p & 0x03030303, xw, neg, ASM), _dp4a((p >> 2) & 0x03030303, xw, neg, ASM)),
-                    tl.join(_dp4a((p >> 4) & 0x03030303, xw, neg, ASM), _dp4a((p >> 6) & 0x03030303, xw, neg, ASM)))
-        _finish_tile(tl.sum(d, axis=1), s_x, s, r, y_row, t, R, N, EPILOGUE, BLOCK_R)   # d: (BLOCK_R, BLOCK_W, 2, 2)
+        p_next = _tile_words(w_ptr, t + programs, R, K4, BLOCK_R, CH, J)
+        s_next, r_next = _tile_scales(scale_ptr, res_row, t + programs, R, N, EPILOGUE, BLOCK_R)
+        a0, a1, a2, a3 = neg, neg, neg, neg
+        for j in tl.static_range(J):
+            a0 = _dp4a(p[j] & 0x03030303, xw[j], a0, ASM)            # rows r
+            a1 = _dp4a((p[j] >> 2) & 0x03030303, xw[j], a1, ASM)     # rows r + R
+            a2 = _dp4a((p[j] >> 4) & 0x03030303, xw[j], a2, ASM)     # rows r + 2R
+            a3 = _dp4a((p[j] >> 6) & 0x03030303, xw[j], a3, ASM)     # rows r + 3R
+        d = tl.join(tl.join(a0, a1), tl.join(a2, a3))                # (BLOCK_R, CH, 2, 2)
+        _finish_tile(tl.sum(d, axis=1), s_x, s, r, y_row, t, R, N, EPILOGUE, BLOCK_R)
 
 
 @triton.autotune(
@@ -295,7 +323,8 @@ def _sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-ROW_WORDS = 2048   # rows of up to 4 * ROW_WORDS inputs go through packed_gemv_row_kernel
+ROW_WORDS = 2048   # rows of up to 4 * ROW_WORDS inputs go through packed_gemv_row_kernel ...
+CHUNK_WORDS = 128  # ... in chunks of this many words (measured on an H100: 128 beat 64 and the whole row)
 DECODE_ROWS = 16   # x with up to this many rows goes through the GEMV kernels (one pass over the
                    # weights per row; in a graph, 16 rows of a 2B4T projection take 5-8x one row's
                    # time, 1.3-2.5x less than int8_matmul with its element-wise steps), more rows
@@ -322,7 +351,8 @@ def packed_linear_cuda(x, norm_weight, packed, row_scale, residual, out_features
     flags = dict(HAS_NORM=has_norm, X_LOWP=lowp, NORM_LOWP=lowp and has_norm and norm_weight.dtype == x.dtype,
                  EPILOGUE=epilogue, ASM=True)
     if K <= 4 * ROW_WORDS:
-        packed_gemv_row_kernel[persistent](*args, BLOCK_W=triton.next_power_of_2(K // 4), **flags)
+        ch = min(CHUNK_WORDS, triton.next_power_of_2(K // 4))
+        packed_gemv_row_kernel[persistent](*args, CH=ch, J=triton.cdiv(K // 4, ch), **flags)
     else:
         packed_gemv_kernel[grid](*args, BLOCK_X=min(triton.next_power_of_2(K), 8192), **flags)
     return y

@@ -35,7 +35,7 @@ class RoundHalfEven:
 kernels.libdevice = RoundHalfEven
 
 
-def gemv_case(M, K, out, epilogue, norm, dtype, block_r, row_kernel):
+def gemv_case(M, K, out, epilogue, norm, dtype, block_r, kernel):
     g = torch.Generator().manual_seed(M * K + out + epilogue)
     rows = 2 * out if epilogue == 2 else out
     packed = pack_ternary(torch.randint(-1, 2, (rows, K), generator=g, dtype=torch.int8))
@@ -50,9 +50,10 @@ def gemv_case(M, K, out, epilogue, norm, dtype, block_r, row_kernel):
     args = (x, norm_weight if norm else x, packed.view(torch.int32), scale, residual if epilogue == 1 else y, y,
             K, R, out, 1e-5, int(M == 1))
     flags = dict(HAS_NORM=norm, X_LOWP=lowp, NORM_LOWP=lowp and norm, EPILOGUE=epilogue, ASM=False, BLOCK_R=block_r)
-    if row_kernel:   # 3 programs walk over the tiles, as the persistent grid does
+    if kernel == 'row':   # 3 programs walk over the tiles, as the persistent grid does; the row in
+        # chunks of 32 words (the last one partly masked where K / 4 is no multiple of 32)
         kernels.packed_gemv_row_kernel.fn[(min(3, triton.cdiv(R, block_r)), M)](
-            *args, BLOCK_W=triton.next_power_of_2(K // 4), WAVES=1, **flags)
+            *args, CH=32, J=triton.cdiv(K // 4, 32), WAVES=1, **flags)
     else:            # chunks of 32 words: several trips through the loop over K
         kernels.packed_gemv_kernel.fn[(triton.cdiv(R, block_r), M)](*args, BLOCK_X=256, BLOCK_W=32, **flags)
     ref = packed_linear_reference(x, norm_weight, packed, scale, residual, out, epilogue, 1e-5)
@@ -115,9 +116,9 @@ GEMV_CASES = [  # M, K, out, epilogue, norm, dtype, block_r
 
 if __name__ == '__main__':
     for case in GEMV_CASES:
-        for row_kernel in (True, False):
-            gemv_case(*case, row_kernel=row_kernel)
-            print('ok', 'row kernel' if row_kernel else 'loop kernel', *case[:5], case[5], flush=True)
+        for kernel in ('row', 'loop'):
+            gemv_case(*case, kernel=kernel)
+            print('ok', kernel, 'kernel', *case[:5], case[5], flush=True)
     # 7 blocks of 16 rows (the last one partial), C = 48 in steps of 32; the final argmax walks
     # the blocks 2 or 8 at a time; tied maxima in different blocks, in one block, in the last one
     for case in [(2, 100, 48, [], 2), (2, 100, 48, [40, 90, 5], 2), (1, 100, 48, [33, 34], 8), (3, 100, 48, [99], 2)]:
