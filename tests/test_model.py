@@ -160,3 +160,20 @@ def test_engine_greedy_loop_on_the_gpu_equals_generate(monkeypatch, max_len):
             expected = model.generate(prompt, n, temperature=0)
         assert torch.equal(engine.generate(prompt, n), expected), n
     assert engine.steps == min(Engine.STEPS, max_len - 1)
+
+
+def test_engine_sampling_equals_generate(monkeypatch):
+    """The engine's sampling loop (temperature > 0: the step's logits from lm_head_argmax, drawn on
+    the host), run eagerly on the CPU, draws the same tokens as model.generate from the same seed."""
+    from engine import Engine
+    monkeypatch.setattr(Engine, '_capture', eager_capture)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval()
+    engine = Engine(model, batch_size=2, max_len=40, dtype=torch.float32, compile=False)
+    prompt = torch.randint(50, (2, 5))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        expected = model.generate(prompt, 30, temperature=0.8, top_k=10)
+    torch.manual_seed(1)
+    got = engine.generate(prompt, 30, temperature=0.8, top_k=10)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, engine.generate(prompt, 30))   # greedy decoding picks other tokens
