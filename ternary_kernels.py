@@ -149,11 +149,11 @@ def _tile_words(w_ptr, t, R, K4, BLOCK_R: tl.constexpr, CH: tl.constexpr, J: tl.
 )
 @triton.jit
 def packed_gemv_row_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
-                             K, R, N, eps, DECODE,
-                             HAS_NORM: tl.constexpr, X_LOWP: tl.constexpr, NORM_LOWP: tl.constexpr,
-                             EPILOGUE: tl.constexpr, CH: tl.constexpr, J: tl.constexpr, ASM: tl.constexpr,
-                             BLOCK_R: tl.constexpr, WAVES: tl.constexpr):
-    """packed_gemv_kernel for rows held in registers (K <= 4 * CHUNK_WORDS * J), persistent: a
+                           K, R, N, eps, DECODE,
+                           HAS_NORM: tl.constexpr, X_LOWP: tl.constexpr, NORM_LOWP: tl.constexpr,
+                           EPILOGUE: tl.constexpr, CH: tl.constexpr, J: tl.constexpr, ASM: tl.constexpr,
+                           BLOCK_R: tl.constexpr, WAVES: tl.constexpr):
+    """packed_gemv_kernel for rows held in registers (K <= 4 * ROW_WORDS), persistent: a
     few programs per SM (WAVES) each quantize the row once and then walk over tiles of BLOCK_R
     packed rows, tile t, t + programs, ... The next tile's words, scales and residuals are always
     in flight while the current one is multiplied, and the first tile's while the activations are
@@ -449,10 +449,10 @@ def decode_attention_cuda(qkv, k_cache, v_cache, pos, cos, sin, n_head):
 
 
 @functools.cache
-def _done_counts(device, kernel):
-    """A kernel's done-counters (one per unit of work that its last program finishes), zero
-    between calls: the finishing program sets its own back. One buffer per device and kernel,
-    allocated at its first call (the engine's warm-up, before any CUDA graph is captured)."""
+def _lm_head_counts(device):
+    """lm_head_kernel's done-counters, one per row of x, zero between calls (the program that
+    finishes a row sets its count back). Allocated once per device, at the first call (the
+    engine's warm-up, before any CUDA graph is captured)."""
     return torch.zeros(4096, dtype=torch.int32, device=device)
 
 
@@ -513,7 +513,7 @@ def lm_head_argmax_cuda(x, weight):
     best = torch.empty(B, blocks, device=x.device, dtype=torch.float32)
     at = torch.empty(B, blocks, device=x.device, dtype=torch.int32)
     token = torch.empty(B, 1, device=x.device, dtype=torch.long)
-    lm_head_kernel[(blocks, B)](x, weight, logits, best, at, _done_counts(x.device, 'lm_head'), token, V, C, blocks,
+    lm_head_kernel[(blocks, B)](x, weight, logits, best, at, _lm_head_counts(x.device), token, V, C, blocks,
                                 BLOCK_V=LM_HEAD_BLOCK_V, BLOCK_C=LM_HEAD_BLOCK_C,
                                 BLOCK_B=min(4096, triton.next_power_of_2(blocks)), num_warps=LM_HEAD_WARPS)
     return logits, token
