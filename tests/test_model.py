@@ -146,14 +146,20 @@ def eager_capture(engine, fn):
     return graph, out
 
 
+def eager_engine(monkeypatch, max_len):
+    """A tiny float32 GPT and an Engine for batches of 2 whose graphs are eager_capture's."""
+    from engine import Engine
+    monkeypatch.setattr(Engine, '_capture', eager_capture)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval()
+    return model, Engine(model, batch_size=2, max_len=max_len, dtype=torch.float32, compile=False)
+
+
 @pytest.mark.parametrize('max_len', [40, 14])   # 14: fewer positions than Engine.STEPS + 1 after the prompt
 def test_engine_greedy_loop_on_the_gpu_equals_generate(monkeypatch, max_len):
     """The engine's bookkeeping, run eagerly on the CPU: graphs of 1 and of STEPS greedy steps,
     captured from position 0 before the prompt, then as many replays as the tokens need."""
     from engine import Engine
-    monkeypatch.setattr(Engine, '_capture', eager_capture)
-    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval()
-    engine = Engine(model, batch_size=2, max_len=max_len, dtype=torch.float32, compile=False)
+    model, engine = eager_engine(monkeypatch, max_len)
     prompt = torch.randint(50, (2, 5))
     for n in (1, 8, 9, max_len - 5, 0, 3):
         with torch.no_grad():
@@ -165,10 +171,7 @@ def test_engine_greedy_loop_on_the_gpu_equals_generate(monkeypatch, max_len):
 def test_engine_sampling_equals_generate(monkeypatch):
     """The engine's sampling loop (temperature > 0: the step's logits from lm_head_argmax, drawn on
     the host), run eagerly on the CPU, draws the same tokens as model.generate from the same seed."""
-    from engine import Engine
-    monkeypatch.setattr(Engine, '_capture', eager_capture)
-    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval()
-    engine = Engine(model, batch_size=2, max_len=40, dtype=torch.float32, compile=False)
+    model, engine = eager_engine(monkeypatch, 40)
     prompt = torch.randint(50, (2, 5))
     torch.manual_seed(1)
     with torch.no_grad():
