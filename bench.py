@@ -23,8 +23,12 @@ float model of the same shape with random weights:
 On CUDA both run in engine.py (static KV cache, one CUDA graph per token) in bfloat16; on the
 CPU both run model.generate in float32. Reported: tokens per second and ms per token (the
 prompt's prefill included), weight bytes, peak memory, and on CUDA the fraction of the memory
-bandwidth limit reached (weight bytes x tokens/s over the measured copy bandwidth), plus the
-prefill path (M = 512 rows) of the packed layer against unpacking to bfloat16 and a matmul.
+bandwidth limit reached (weight bytes x tokens/s over the measured copy bandwidth).
+
+Prefill (CUDA): the packed layer's path for many rows (M = 512) against unpacking the weights to
+bfloat16 and a bfloat16 matmul, for one layer's projections at the given shape, in CUDA graphs:
+
+    python bench.py --mode=prefill --n_head=20 --n_kv_head=5 --n_embd=2560 --intermediate_size=6912
 """
 
 import statistics
@@ -38,7 +42,8 @@ from configurator import configure, fail
 from model import GPT, QUANT_MODES, GPTConfig, device_peak_flops, rotary_tables
 
 # -----------------------------------------------------------------------------
-mode = 'train'             # 'train': training step time; 'decode': batch-1 generation speed
+mode = 'train'             # 'train': training step time; 'decode': batch-1 generation speed;
+                           # 'prefill': the packed layer for many rows against unpack-then-matmul (CUDA)
 quants = 'none,b1.58,b1'   # train: variants to compare, the first one is the reference
 n_layer = 6
 n_head = 6
@@ -61,6 +66,7 @@ rope_theta = 10000.0
 prompt_len = 16            # decode: prompt tokens (prefilled), then new_tokens greedy tokens
 new_tokens = 256
 repeats = 3                # decode: timed generations per variant (median)
+prefill_rows = 512         # prefill: rows of the input (prompt tokens x batch)
 packed_file = ''           # decode: also write the packed model here and report its size
 profile = False            # CUDA: print the kernels of one step (train) / one decoding step (decode)
 seed = 1337
@@ -69,8 +75,8 @@ configure(globals(), sys.argv[1:])
 quant_list = quants.split(',')
 if any(q not in QUANT_MODES for q in quant_list):
     fail(f"quants must be a comma-separated list of {', '.join(QUANT_MODES)}, got '{quants}'")
-if mode not in ('train', 'decode'):
-    fail(f"mode must be 'train' or 'decode', got '{mode}'")
+if mode not in ('train', 'decode', 'prefill'):
+    fail(f"mode must be 'train', 'decode' or 'prefill', got '{mode}'")
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
 device_type = device.split(':')[0]
@@ -83,6 +89,9 @@ if compile is None:
     compile = device_type == 'cuda'
 if cuda_graphs is None:
     cuda_graphs = compile and device_type == 'cuda'
+if mode == 'prefill' and device_type != 'cuda':
+    fail("mode=prefill times the CUDA kernels of the packed layer and needs a CUDA GPU "
+         "(on the CPU the packed layer is unpack-then-matmul itself)")
 elif cuda_graphs and not (compile and device_type == 'cuda'):
     fail("cuda_graphs=True needs compile=True on a CUDA GPU: drop --cuda_graphs=True")
 if device_type == 'cuda':
@@ -321,34 +330,56 @@ def bench_decode():
         print(f"packed BitLinear weights in memory: {packed_row['bits']:.3f} bits per weight (2-bit codes + a float32 scale per row)")
     if packed_row.get('file_bytes'):
         print(f"packed file {packed_file}: {packed_row['file_bytes'] / 1e9:.4f} GB")
-    if cuda:
-        bench_prefill()
 
 
-def bench_prefill(rows=512):
-    """The packed layer for M = rows (weights unpacked once per call by one kernel, int8 tensor
-    cores) against the same layer computed the plain way: unpack to bfloat16, bfloat16 matmul."""
+def bench_prefill():
+    """The packed layer for M = prefill_rows rows (weights unpacked once per call by one kernel,
+    int8 tensor cores) against the same layer computed the plain way: unpack to bfloat16, then a
+    bfloat16 matmul. Both in CUDA graphs (triton.testing.do_bench_cudagraph), as the engine runs
+    its prefill, so the host's launch time is not in either number. Each timed call goes over
+    enough copies of the weights to fill twice the L2 cache, so the weights come from memory, as
+    they do in a model."""
+    import math
     import triton.testing
     from bitlinear import pack_ternary
     from ternary_kernels import bf16_matmul
     from packed import packed_linear, packed_linear_reference
-    inter = GPTConfig(n_embd=n_embd, n_head=n_head, intermediate_size=intermediate_size).intermediate_size
-    print(f"prefill, {rows} rows: {'shape':>14} {'packed op ms':>13} {'unpack+bf16 mm ms':>18}")
-    for out_f, in_f in ((n_embd, n_embd), (inter, n_embd), (n_embd, inter)):
-        w_t = torch.randint(-1, 2, (out_f, in_f), dtype=torch.int8, device=device)
-        packed = pack_ternary(w_t)
+    config = GPTConfig(n_layer=1, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size)
+    head_dim = n_embd // n_head
+    shapes = (('q,k,v', n_embd + 2 * config.n_kv_head * head_dim, n_embd), ('o', n_embd, n_embd),
+              ('gate+up', 2 * config.intermediate_size, n_embd), ('down', n_embd, config.intermediate_size))
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    print(f"prefill, {prefill_rows} rows, one layer's projections, CUDA graphs, median ms per call "
+          f"(the weights cycled through {2 * l2 / 2**20:.0f} MiB, twice the L2 cache):")
+    print(f"{'projection':>10} {'shape':>12} {'packed op':>10} {'unpack+bf16':>12} {'speedup':>8}")
+    total_op = total_ref = 0.0
+    for name, out_f, in_f in shapes:
+        packed = pack_ternary(torch.randint(-1, 2, (out_f, in_f), dtype=torch.int8, device=device))
+        copies = [packed] + [packed.clone() for _ in range(min(4096, math.ceil(2 * l2 / packed.nbytes)) - 1)]
         scale = torch.full((packed.size(0) * 4,), 0.02, device=device)
-        x = torch.randn(rows, in_f, device=device, dtype=torch.bfloat16)
-        args = (x, x.new_empty(0), packed, scale, x.new_empty(0), out_f, 0, 1e-5)
-        op = lambda: packed_linear(*args)
-        ref = lambda: packed_linear_reference(*args, matmul=bf16_matmul)
-        torch.testing.assert_close(op(), ref(), rtol=1e-2, atol=1e-2)
-        t_op = triton.testing.do_bench(op, return_mode='median')
-        t_ref = triton.testing.do_bench(ref, return_mode='median')
-        print(f"{'':>24}{f'{out_f}x{in_f}':>14} {t_op:13.3f} {t_ref:18.3f}")
+        x = torch.randn(prefill_rows, in_f, device=device, dtype=torch.bfloat16)
+        args = lambda p: (x, x.new_empty(0), p, scale, x.new_empty(0), out_f, 0, 1e-5)
+        torch.testing.assert_close(packed_linear(*args(packed)),
+                                   packed_linear_reference(*args(packed), matmul=bf16_matmul), rtol=1e-2, atol=1e-2)
+
+        def op():
+            for p in copies:
+                packed_linear(*args(p))
+
+        def ref():
+            for p in copies:
+                packed_linear_reference(*args(p), matmul=bf16_matmul)
+        t_op = triton.testing.do_bench_cudagraph(op, rep=100, return_mode='median') / len(copies)
+        t_ref = triton.testing.do_bench_cudagraph(ref, rep=100, return_mode='median') / len(copies)
+        total_op, total_ref = total_op + t_op, total_ref + t_ref
+        print(f"{name:>10} {f'{out_f}x{in_f}':>12} {t_op:10.4f} {t_ref:12.4f} {t_ref / t_op:7.2f}x")
+        del copies
+    print(f"{'layer':>10} {'':>12} {total_op:10.4f} {total_ref:12.4f} {total_ref / total_op:7.2f}x")
 
 
 if mode == 'train':
     bench_train()
-else:
+elif mode == 'decode':
     bench_decode()
+else:
+    bench_prefill()

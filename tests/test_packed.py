@@ -191,6 +191,8 @@ def test_bench_runs_on_cpu_in_seconds():
     assert any(l.startswith('float') and '1.00x' in l for l in r.stdout.splitlines())
     r = run('bench.py', '--quants=none,b2')
     assert r.returncode == 2 and 'quants must be' in r.stderr
+    r = run('bench.py', '--mode=prefill', '--device=cpu')
+    assert r.returncode == 2 and r.stderr.startswith('error: mode=prefill times the CUDA kernels') and not r.stdout
     r = run('bench.py', '--device=cpu', '--cuda_graphs=True')
     assert r.returncode == 2
     assert r.stderr == "error: cuda_graphs=True needs compile=True on a CUDA GPU: drop --cuda_graphs=True\n"
