@@ -80,6 +80,9 @@ if mode not in ('train', 'decode', 'prefill'):
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
 device_type = device.split(':')[0]
+if mode == 'prefill' and device_type != 'cuda':
+    fail("mode=prefill times the CUDA kernels of the packed layer and needs a CUDA GPU "
+         "(on the CPU the packed layer is unpack-then-matmul itself)")
 if dtype == 'auto':
     dtype = 'bfloat16' if device_type == 'cuda' else 'float32'
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
@@ -89,9 +92,6 @@ if compile is None:
     compile = device_type == 'cuda'
 if cuda_graphs is None:
     cuda_graphs = compile and device_type == 'cuda'
-if mode == 'prefill' and device_type != 'cuda':
-    fail("mode=prefill times the CUDA kernels of the packed layer and needs a CUDA GPU "
-         "(on the CPU the packed layer is unpack-then-matmul itself)")
 elif cuda_graphs and not (compile and device_type == 'cuda'):
     fail("cuda_graphs=True needs compile=True on a CUDA GPU: drop --cuda_graphs=True")
 if device_type == 'cuda':
