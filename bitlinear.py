@@ -45,6 +45,7 @@ Helpers: quantize_weight (int8 ternary tensor + scale), pack_ternary / unpack_te
 """
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -318,6 +319,18 @@ def integer_forward(module, x):
 
 
 @torch.no_grad()
+@contextmanager
+def bitlinear_hooks(model, hook):
+    """Inside, hook(module, args, output) runs after the forward of every BitLinear / BitLinear1b
+    of model (a value it returns replaces the layer's output, as torch's forward hooks do)."""
+    handles = [m.register_forward_hook(hook) for _, m in bitlinear_layers(model)]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def verify_bitlinear(model, idx, rtol=1e-5):
     """Check that a model's BitLinear layers are what they claim:
     1. every layer's weight quantizes to exactly ternary values (binary for b1), finite scale;
@@ -335,12 +348,8 @@ def verify_bitlinear(model, idx, rtol=1e-5):
     def compare(module, args, out):
         ref = integer_forward(module, args[0])
         diffs.append(((out - ref).abs().max() / ref.abs().max().clamp(min=1.0)).item())
-    hooks = [m.register_forward_hook(compare) for _, m in bitlinear_layers(model)]
-    try:
+    with bitlinear_hooks(model, compare):
         model(idx)
-    finally:
-        for h in hooks:
-            h.remove()
     max_diff = torch.tensor(diffs or [0.0]).max().item()   # NaN if any layer gave NaN
     n_weights = sum(r['numel'] for r in rows)
     packed_bytes = sum(math.ceil(r['shape'][0] / 4) * r['shape'][1] for r in rows)

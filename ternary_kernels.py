@@ -448,12 +448,15 @@ def decode_attention_cuda(qkv, k_cache, v_cache, pos, cos, sin, n_head):
     return out
 
 
+LM_HEAD_MAX_ROWS = 4096   # rows of x the kernel takes (one done-counter each); more go to the reference
+
+
 @functools.cache
 def _lm_head_counts(device):
     """lm_head_kernel's done-counters, one per row of x, zero between calls (the program that
     finishes a row sets its count back). Allocated once per device, at the first call (the
     engine's warm-up, before any CUDA graph is captured)."""
-    return torch.zeros(4096, dtype=torch.int32, device=device)
+    return torch.zeros(LM_HEAD_MAX_ROWS, dtype=torch.int32, device=device)
 
 
 @triton.jit
@@ -505,7 +508,7 @@ LM_HEAD_BLOCK_V, LM_HEAD_BLOCK_C, LM_HEAD_WARPS = 64, 256, 4   # fixed (not auto
 def lm_head_argmax_cuda(x, weight):
     B, C = x.shape
     V = weight.size(0)
-    if not weight.is_contiguous() or B > 4096:
+    if not weight.is_contiguous() or B > LM_HEAD_MAX_ROWS:
         return lm_head_argmax_reference(x, weight)
     x = x.contiguous()
     blocks = triton.cdiv(V, LM_HEAD_BLOCK_V)

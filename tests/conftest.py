@@ -2,7 +2,6 @@ import os
 import random
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
 
@@ -18,19 +17,12 @@ TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '--n_emb
         '--block_size=32', '--batch_size=16', '--dropout=0.0', '--eval_iters=4']
 
 
-@contextmanager
 def integer_layers(model):
-    """Inside, every BitLinear of model computes bitlinear.integer_forward: the integer line
-    y = (x_int @ W_t^T) * (s_w / s_x) that packed inference computes, instead of training's
+    """A context: inside, every BitLinear of model computes bitlinear.integer_forward: the integer
+    line y = (x_int @ W_t^T) * (s_w / s_x) that packed inference computes, instead of training's
     dequantized product (equal up to float rounding)."""
-    from bitlinear import bitlinear_layers, integer_forward
-    hooks = [m.register_forward_hook(lambda mod, args, out: integer_forward(mod, args[0]))
-             for _, m in bitlinear_layers(model)]
-    try:
-        yield model
-    finally:
-        for h in hooks:
-            h.remove()
+    from bitlinear import bitlinear_hooks, integer_forward
+    return bitlinear_hooks(model, lambda mod, args, out: integer_forward(mod, args[0]))
 
 
 def run(script, *args, cwd=REPO):
