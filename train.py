@@ -18,7 +18,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -67,6 +67,10 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0            # clip the gradient norm to this; 0 turns clipping off
+ema_decay = 0.0            # > 0: keep an exponential moving average of the weights (Polyak averaging),
+                           # after every step ema = ema_decay * ema + (1 - ema_decay) * weights, from the
+                           # initial weights on; evaluations, best_val_loss and the checkpoint's 'model' are
+                           # then the average's, and the trained weights go to 'train_model' for resuming
 # learning rate schedule
 lr_schedule = 'cosine'     # 'cosine': warmup, then cosine to min_lr at lr_decay_iters
                            # 'two_stage': the b1.58 recipe: cosine from learning_rate until
@@ -101,6 +105,8 @@ if init_from not in ('scratch', 'resume') and not init_from.startswith('hf:'):
     fail(f"init_from must be 'scratch', 'resume' or 'hf:DIR', got '{init_from}'")
 if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
     fail(f"dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
+if not 0.0 <= ema_decay < 1.0:
+    fail(f"ema_decay must be in [0, 1) (0: no moving average; e.g. 0.999), got {ema_decay}")
 if min(eval_interval, log_interval, eval_iters, batch_size, block_size, gradient_accumulation_steps) < 1:
     fail("eval_interval, log_interval, eval_iters, batch_size, block_size and gradient_accumulation_steps must be >= 1")
 
@@ -224,7 +230,9 @@ else:
         if changed and master_process:
             print(f"resuming with the checkpoint's {', '.join(changed)} (not the settings')")
         model_args = {**checkpoint['model_args'], 'dropout': dropout}
-        model = model_from_checkpoint(checkpoint, ckpt_path, dropout=dropout)
+        # with a moving average, 'model' is the average and 'train_model' the weights being trained
+        trained = {**checkpoint, 'model': checkpoint.get('train_model', checkpoint.get('model'))}
+        model = model_from_checkpoint(trained, ckpt_path, dropout=dropout)
     except CheckpointError as e:
         fail(str(e))
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
@@ -234,6 +242,13 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
+# the moving average of the weights, kept by the process that evaluates: one tensor per state-dict
+# entry (all parameters), continued from a checkpoint that has one, else started at the weights
+weights = list(model.state_dict().values())  # views of the parameters, updated in place by the optimizer
+ema = None
+if ema_decay > 0 and master_process:
+    start = checkpoint['model'] if checkpoint is not None and 'train_model' in checkpoint else model.state_dict()
+    ema = [start[k].detach().to(device=device, dtype=w.dtype, copy=True) for k, w in model.state_dict().items()]
 checkpoint = None  # free up memory
 raw_model = model  # what we save: no '_orig_mod.' (compile) or 'module.' (DDP) prefixes
 if compile:
@@ -243,12 +258,29 @@ if ddp:
 peak_flops, device_name = device_peak_flops(device)
 
 
+@contextmanager
+def averaged_weights():
+    """Inside: the model computes with the moving average of its weights (when there is one);
+    after: with its own weights again. Copies in place, so compiled graphs stay valid."""
+    if ema is None:
+        yield
+        return
+    with torch.no_grad():
+        own = [w.clone() for w in weights]
+        torch._foreach_copy_(weights, ema)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(weights, own)
+
+
 @torch.no_grad()
-def estimate_loss():
+def estimate_loss(splits=('train', 'val')):
     """Mean loss over eval_iters fixed batches of each split."""
     out = {}
     model.eval()
-    for split in ('train', 'val'):
+    for split in splits:
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
             X, Y = get_batch(split, EVAL, 0 if split == 'train' else 1, k)
@@ -316,19 +348,27 @@ while True:
     optimizer.param_groups[0]['weight_decay'] = wd  # the decayed group (configure_optimizers)
 
     if master_process and (iter_num % eval_interval == 0 or iter_num >= max_iters):
-        losses = estimate_loss()
-        tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr))
+        record = dict(iter=iter_num)
+        if ema is not None:  # the trained weights too, to show what averaging gains
+            record['val_loss_trained_weights'] = estimate_loss(('val',))['val']
+        with averaged_weights():
+            losses = estimate_loss()
+        record.update(train_loss=losses['train'], val_loss=losses['val'], lr=lr)
+        tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" +
+                   (f" (moving average; the trained weights: val loss {record['val_loss_trained_weights']:.4f})"
+                    if ema is not None else ""))
+        log(record)
         if losses['val'] < best_val_loss:
             best_val_loss, best_iter = losses['val'], iter_num
             improved = True
         else:
             improved = False
         if (improved or always_save_checkpoint) and iter_num > 0 and not eval_only:
-            save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                 scaler=scaler.state_dict(), model_args=model_args, iter_num=iter_num,
-                                 best_val_loss=best_val_loss, best_iter=best_iter, config=config,
-                                 tokenizer=meta), ckpt_path)
+            state = raw_model.state_dict()
+            weights_saved = dict(model=state) if ema is None else dict(model=dict(zip(state, ema)), train_model=state)
+            save_checkpoint(dict(**weights_saved, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                                 model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss,
+                                 best_iter=best_iter, config=config, tokenizer=meta), ckpt_path)
             tqdm.write(f"saved checkpoint to {ckpt_path}")
         t0, timed = time.time(), 0  # evaluation time is not training time
     if iter_num >= max_iters or eval_only:
@@ -350,6 +390,9 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, weights, 1.0 - ema_decay)
 
     timed += 1
     if master_process and iter_num % log_interval == 0:

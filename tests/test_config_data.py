@@ -71,6 +71,9 @@ def test_train_py_reports_a_bad_flag_in_one_line():
     assert r.returncode == 2
     assert r.stderr == ("error: cuda_graphs=True needs compile=True on one CUDA GPU (not under torchrun) and "
                         "gradient_accumulation_steps=1: drop --cuda_graphs=True\n")
+    r = run('train.py', '--device=cpu', '--ema_decay=1.0')
+    assert r.returncode == 2
+    assert r.stderr == "error: ema_decay must be in [0, 1) (0: no moving average; e.g. 0.999), got 1.0\n"
 
 
 # --- prepare_data -------------------------------------------------------------------------

@@ -29,10 +29,11 @@ def test_loss_falls_clearly(trained_ckpt):
     assert not any(k.startswith(('_orig_mod.', 'module.')) for k in ckpt['model'])
 
 
-@pytest.mark.parametrize('schedule', ['cosine', 'two_stage'])
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus_dir, schedule):
+@pytest.mark.parametrize('schedule,ema_decay', [('cosine', 0.0), ('two_stage', 0.0), ('cosine', 0.9)])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus_dir, schedule, ema_decay):
     common = ['--log_interval=1', '--eval_interval=6', '--always_save_checkpoint=True', '--lr_decay_iters=12',
-              '--warmup_iters=2', f'--lr_schedule={schedule}', '--dropout=0.1', '--gradient_accumulation_steps=2']
+              '--warmup_iters=2', f'--lr_schedule={schedule}', '--dropout=0.1', '--gradient_accumulation_steps=2',
+              f'--ema_decay={ema_decay}']
     full, part = tmp_path / 'full', tmp_path / 'part'
     assert train(corpus_dir, full, *common, '--max_iters=12').returncode == 0
     assert train(corpus_dir, part, *common, '--max_iters=6').returncode == 0
@@ -41,9 +42,54 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus_dir, schedule)
     losses = lambda d: [(x['iter'], x['loss'], x['lr'], x['weight_decay']) for x in read_log(d) if 'loss' in x]
     assert len(losses(full)) == 12
     assert losses(part) == losses(full)   # exactly, float for float
+    evals = lambda d: {x['iter']: x for x in read_log(d) if 'val_loss' in x}   # the resumed run evaluates 6 twice
+    assert evals(part) == evals(full)
+    a, b = (load_checkpoint(os.path.join(d, 'ckpt.pt')) for d in (full, part))
+    assert sorted(a) == sorted(b) and ('train_model' in a) == (ema_decay > 0)
+    for weights in ('model', 'train_model') if ema_decay else ('model',):
+        assert all(torch.equal(a[weights][k], b[weights][k]) for k in a[weights])
     if schedule == 'two_stage':            # stage 2 from iter 6: no weight decay, a lower peak
         assert [x[3] for x in losses(full)] == [0.1] * 6 + [0.0] * 6
         assert losses(full)[6][2] < losses(full)[5][2]
+
+
+def test_moving_average_of_the_weights(tmp_path, corpus_dir):
+    """ema_decay: evaluations and the checkpoint's 'model' are the average, 'train_model' the trained
+    weights, which are those of the same run without an average."""
+    common = ['--log_interval=1', '--eval_interval=1', '--always_save_checkpoint=True', '--lr_decay_iters=3',
+              '--warmup_iters=1', '--dropout=0.1', '--learning_rate=3e-3']
+    plain, ema2, ema3 = tmp_path / 'plain', tmp_path / 'ema2', tmp_path / 'ema3'
+    assert train(corpus_dir, plain, *common, '--max_iters=3').returncode == 0
+    assert train(corpus_dir, ema2, *common, '--max_iters=2', '--ema_decay=0.75').returncode == 0
+    r = train(corpus_dir, ema3, *common, '--max_iters=3', '--ema_decay=0.75')
+    assert r.returncode == 0, r.stderr
+    assert 'val loss' in r.stdout and '(moving average; the trained weights: val loss' in r.stdout
+    losses = lambda d: [(x['iter'], x['loss']) for x in read_log(d) if 'loss' in x]
+    assert len(losses(plain)) == 3 and losses(ema3) == losses(plain)   # training is untouched
+    p, a2, a3 = (load_checkpoint(os.path.join(d, 'ckpt.pt')) for d in (plain, ema2, ema3))
+    assert 'train_model' not in p and sorted(a3['model']) == sorted(p['model'])
+    for k, w in p['model'].items():
+        assert torch.equal(a3['train_model'][k], w)
+        # one more step: ema = 0.75 * ema + 0.25 * weights
+        torch.testing.assert_close(a3['model'][k], 0.75 * a2['model'][k] + 0.25 * w, rtol=3e-7, atol=1e-9)
+    w = 'model.layers.0.mlp.down_proj.weight'
+    assert (a3['model'][w] - p['model'][w]).abs().max() > 1e-4   # the average is not the weights
+    # evaluations: the trained weights' val loss is the plain run's, the average's is reported and kept
+    plain_evals, evals = [x for x in read_log(plain) if 'val_loss' in x], [x for x in read_log(ema3) if 'val_loss' in x]
+    assert [x['val_loss_trained_weights'] for x in evals] == [x['val_loss'] for x in plain_evals]
+    assert evals[0]['val_loss'] == evals[0]['val_loss_trained_weights']   # iteration 0: the average is the weights
+    assert evals[3]['val_loss'] != evals[3]['val_loss_trained_weights']
+    assert a3['best_val_loss'] == min(x['val_loss'] for x in evals)
+    # evaluating the checkpoint again gives the logged numbers (the same seed: the same batches)
+    r = train(corpus_dir, ema3, *common, '--max_iters=3', '--ema_decay=0.75', '--init_from=resume', '--eval_only=True')
+    assert r.returncode == 0, r.stderr
+    again = read_log(ema3)[-1]
+    assert (again['iter'], again['val_loss'], again['val_loss_trained_weights']) == \
+        (3, evals[3]['val_loss'], evals[3]['val_loss_trained_weights'])
+    # sample.py samples from (and verifies) the average
+    r = run('sample.py', f'--out_dir={ema3}', '--num_samples=1', '--max_new_tokens=5', '--device=cpu')
+    assert r.returncode == 0, r.stderr
+    assert 'PASS' in r.stdout
 
 
 def test_a_new_run_never_overwrites_a_checkpoint(corpus_dir, trained_ckpt):
