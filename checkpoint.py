@@ -6,9 +6,10 @@ A training checkpoint is a dict: 'model' (the raw state dict, Hugging Face names
 'best_val_loss', 'best_iter', 'config' (every train.py setting) and 'tokenizer' (the meta data
 of the dataset, so a checkpoint decodes its own samples). When training keeps a moving average of
 the weights (ema_decay), 'model' is the average (what was evaluated, and what sample.py, pack.py
-and export.py use) and 'train_model' the trained weights, which a resumed run continues from. It holds no RNG state because
-training needs none: every random draw (batches, dropout) is a function of (seed, rank,
-iteration), so a resumed run continues exactly as the uninterrupted one would have.
+and export.py use) and 'train_model' the trained weights, which a resumed run continues from.
+It holds no RNG state because training needs none: every random draw (batches, dropout) is a
+function of (seed, rank, iteration), so a resumed run continues exactly as the uninterrupted one
+would have.
 """
 
 import os

@@ -231,7 +231,7 @@ else:
             print(f"resuming with the checkpoint's {', '.join(changed)} (not the settings')")
         model_args = {**checkpoint['model_args'], 'dropout': dropout}
         # with a moving average, 'model' is the average and 'train_model' the weights being trained
-        trained = {**checkpoint, 'model': checkpoint.get('train_model', checkpoint.get('model'))}
+        trained = {**checkpoint, 'model': checkpoint['train_model']} if 'train_model' in checkpoint else checkpoint
         model = model_from_checkpoint(trained, ckpt_path, dropout=dropout)
     except CheckpointError as e:
         fail(str(e))
@@ -244,11 +244,14 @@ if checkpoint is not None:
     scaler.load_state_dict(checkpoint['scaler'])
 # the moving average of the weights, kept by the process that evaluates: one tensor per state-dict
 # entry (all parameters), continued from a checkpoint that has one, else started at the weights
-weights = list(model.state_dict().values())  # views of the parameters, updated in place by the optimizer
+state = model.state_dict()
+weights = list(state.values())  # views of the parameters, updated in place by the optimizer
 ema = None
 if ema_decay > 0 and master_process:
-    start = checkpoint['model'] if checkpoint is not None and 'train_model' in checkpoint else model.state_dict()
-    ema = [start[k].detach().to(device=device, dtype=w.dtype, copy=True) for k, w in model.state_dict().items()]
+    if checkpoint is not None and 'train_model' in checkpoint:
+        ema = [checkpoint['model'][k].to(device=device, dtype=w.dtype, copy=True) for k, w in state.items()]
+    else:
+        ema = [w.clone() for w in weights]
 checkpoint = None  # free up memory
 raw_model = model  # what we save: no '_orig_mod.' (compile) or 'module.' (DDP) prefixes
 if compile:
