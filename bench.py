@@ -39,7 +39,7 @@ from contextlib import nullcontext
 import torch
 
 from configurator import configure, fail
-from model import GPT, QUANT_MODES, GPTConfig, device_peak_flops, rotary_tables
+from model import GPT, PROJECTIONS, QUANT_MODES, GPTConfig, device_peak_flops, projection_parent, rotary_tables
 
 # -----------------------------------------------------------------------------
 mode = 'train'             # 'train': training step time; 'decode': batch-1 generation speed;
@@ -198,7 +198,7 @@ def profile_kernels(fn, title, steps, top=25):
 def random_model(quant, packed):
     """A GPT of the benchmark's shape with random weights, built on the device without ever
     allocating latent weights for the packed form."""
-    from packed import PROJECTIONS, pack_model, projection_parent
+    from packed import pack_model
     config = GPTConfig(block_size=max(block_size, prompt_len + new_tokens), vocab_size=vocab_size, n_layer=n_layer,
                        n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size,
                        quant=quant, tie_embeddings=tie_embeddings, rope_theta=rope_theta)
@@ -244,7 +244,7 @@ def bench_decode():
     import os
     import statistics
     from engine import Engine
-    from packed import save_packed
+    from checkpoint import save_packed
     results = []
     prompt = torch.randint(vocab_size, (1, prompt_len), device=device)
     modes = ([False, True] if compile_arg is None else [compile_arg]) if cuda else [False]
@@ -343,7 +343,7 @@ def bench_prefill():
     import triton.testing
     from bitlinear import pack_ternary
     from ternary_kernels import bf16_matmul
-    from packed import packed_linear, packed_linear_reference
+    from ops import packed_linear, packed_linear_reference
     config = GPTConfig(n_layer=1, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size)
     head_dim = n_embd // n_head
     shapes = (('q,k,v', n_embd + 2 * config.n_kv_head * head_dim, n_embd), ('o', n_embd, n_embd),

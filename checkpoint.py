@@ -1,5 +1,6 @@
 """
-Checkpoint files (ckpt.pt), shared by train.py and sample.py.
+Checkpoint files, shared by the scripts: training checkpoints (ckpt.pt, train.py) and packed
+files (ckpt_packed.pt, pack.py), and the GPT rebuilt from either.
 
 A training checkpoint is a dict: 'model' (the raw state dict, Hugging Face names, no '_orig_mod.' or
 'module.' prefixes), 'model_args' (GPTConfig fields), 'optimizer', 'scaler', 'iter_num',
@@ -9,7 +10,8 @@ the weights (ema_decay), 'model' is the average (what was evaluated, and what sa
 and export.py use) and 'train_model' the trained weights, which a resumed run continues from.
 It holds no RNG state because training needs none: every random draw (batches, dropout) is a
 function of (seed, rank, iteration), so a resumed run continues exactly as the uninterrupted one
-would have.
+would have. A packed file is a dict too: 'format' (packed.PACKED_FORMAT), 'packed' (the 2-bit
+state dict, packed.packed_state_dict), 'model_args' and 'tokenizer'.
 """
 
 import os
@@ -17,6 +19,7 @@ import os
 import torch
 
 from model import GPT, GPTConfig
+from packed import load_packed, packed_checkpoint
 
 
 class CheckpointError(Exception):
@@ -56,8 +59,10 @@ def model_from_checkpoint(checkpoint, path='checkpoint', **overrides):
     """Rebuild the GPT of a checkpoint (overrides change settings such as dropout); a packed
     checkpoint (pack.py) comes back in its packed form."""
     if 'packed' in checkpoint:
-        from packed import load_packed
-        return load_packed(checkpoint, path)
+        try:
+            return load_packed(checkpoint, path)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     try:
         model = GPT(GPTConfig(**{**checkpoint['model_args'], **overrides}))
         model.load_state_dict(checkpoint['model'])
@@ -65,3 +70,9 @@ def model_from_checkpoint(checkpoint, path='checkpoint', **overrides):
         first_line = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path} does not match the model it describes: {first_line}") from None
     return model
+
+
+def save_packed(model, path, tokenizer=None, dtype=None):
+    """Write a packed model (packed.pack_model) to path, atomically: its 2-bit weights, model_args
+    and tokenizer. dtype converts the embedding, norms and lm_head, e.g. torch.bfloat16."""
+    save_checkpoint(packed_checkpoint(model, tokenizer, dtype), path)

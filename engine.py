@@ -4,7 +4,7 @@ Fast decoding on CUDA for any GPT of model.py: float, b1.58 training form, or pa
     engine = Engine(model, max_len=512)               # model on a CUDA device, in eval mode
     out = engine.generate(idx, max_new_tokens=256, temperature=0)
 
-The KV cache is preallocated (model.StaticKVCache): its position lives in a device tensor and
+The KV cache is preallocated (StaticKVCache, below): its position lives in a device tensor and
 attention runs over the whole buffer under a mask, so one decoding step has no shapes or
 Python values that change between tokens. That step (embedding, every block, the final norm
 and lm_head) is compiled by torch.compile to fuse the small element-wise work, then captured
@@ -20,11 +20,50 @@ model and the packed model run through the same engine, so their speeds compare 
 """
 
 import torch
+import torch.nn.functional as F
 
-from model import StaticKVCache, sample
+import ops  # noqa: F401  (defines torch.ops.bitnet.decode_attention and lm_head_argmax)
+from model import KVCache, sample
 
 if torch.cuda.is_available():
     import ternary_kernels  # noqa: F401  (registers the CUDA kernels of the decode ops)
+
+
+class StaticKVCache(KVCache):
+    """The same cache with its position in a device tensor and attention over the whole buffer
+    under a mask: no shape or Python value changes from one token to the next, so a decoding
+    step can be captured once in a CUDA graph and replayed (engine.py)."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        super().__init__(config, batch_size, max_len, device, dtype)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.arange = torch.arange(max_len, device=device)
+
+    def rope(self, cos, sin, T):
+        self.tables = (cos, sin)  # kept for decode(), which rotates inside its one op
+        positions = self.pos + self.arange[:T]
+        return cos[positions], sin[positions]
+
+    def decodes(self, T):
+        """Whether attention for T new positions goes through decode() (one op per layer)."""
+        return T == 1
+
+    def decode(self, layer_idx, qkv, n_head):
+        """qkv (B, 1, (nh + 2 nkv) * hs): q, k, v side by side, not yet rotated -> (B, 1, nh * hs)."""
+        y = torch.ops.bitnet.decode_attention(qkv[:, 0], self.k[layer_idx], self.v[layer_idx], self.pos,
+                                              *self.tables, n_head)
+        return y[:, None]
+
+    def attend(self, layer_idx, q, k, v):
+        positions = self.pos + self.arange[:k.size(2)]                  # (T,)
+        self.k[layer_idx].index_copy_(2, positions, k.to(self.k.dtype))
+        self.v[layer_idx].index_copy_(2, positions, v.to(self.v.dtype))
+        mask = self.arange[None, :] <= positions[:, None]                # (T, max_len)
+        return F.scaled_dot_product_attention(q, self.k[layer_idx].to(q.dtype), self.v[layer_idx].to(q.dtype),
+                                              attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
+
+    def advance(self, T):
+        self.pos.add_(T)
 
 
 class Engine:

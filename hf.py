@@ -48,8 +48,7 @@ from safetensors.torch import load_file
 
 from bitlinear import pack_ternary, quantize_weight, unpack_2bit, weight_scale
 from checkpoint import CheckpointError
-from model import GPT, GPTConfig
-from packed import PROJECTIONS  # a block's seven BitLinears
+from model import GPT, PROJECTIONS, GPTConfig
 from prepare_data import gpt2_encoding
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}

@@ -28,6 +28,17 @@ import torch.nn.functional as F
 from bitlinear import BitLinear, BitLinear1b, RMSNorm
 
 QUANT_MODES = ('b1.58', 'b1', 'none')
+PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')  # a block's linears
+
+
+def projection_parent(proj):
+    """The submodule of a Block that holds projection proj: 'self_attn' or 'mlp'."""
+    return 'self_attn' if proj in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'
+
+
+def projection_name(i, proj):
+    """The state-dict prefix of projection proj of layer i, e.g. model.layers.0.mlp.up_proj."""
+    return f'model.layers.{i}.{projection_parent(proj)}.{proj}'
 
 
 @dataclass
@@ -81,54 +92,6 @@ def apply_rotary(x, cos, sin):
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
-def decode_attention_reference(qkv, k_cache, v_cache, pos, cos, sin, n_head):
-    """One decoding step of attention, for one new position per sequence: qkv (B, (nh + 2 nkv) hs)
-    is the projected q, k, v at position pos (a 0-d tensor); rotate q and k (cos, sin: the
-    (max_positions, hs) tables), write k and v into the caches (B, nkv, max_len, hs) at pos,
-    and attend from q to positions 0 .. pos -> (B, nh * hs)."""
-    B, nkv, _, hs = k_cache.shape
-    q, k, v = qkv.split([n_head * hs, nkv * hs, nkv * hs], dim=-1)
-    q, k, v = q.view(B, n_head, 1, hs), k.view(B, nkv, 1, hs), v.view(B, nkv, 1, hs)
-    c, s = cos[pos].view(1, hs), sin[pos].view(1, hs)
-    q, k = apply_rotary(q, c, s), apply_rotary(k, c, s)
-    k_cache.index_copy_(2, pos.view(1), k.to(k_cache.dtype))
-    v_cache.index_copy_(2, pos.view(1), v.to(v_cache.dtype))
-    mask = (torch.arange(k_cache.size(2), device=q.device) <= pos)[None, :]   # (1, max_len)
-    y = F.scaled_dot_product_attention(q.to(k_cache.dtype), k_cache, v_cache, attn_mask=mask,
-                                       enable_gqa=n_head != nkv)
-    return y.reshape(B, n_head * hs).to(qkv.dtype)
-
-
-@torch.library.custom_op('bitnet::decode_attention', mutates_args=('k_cache', 'v_cache'))
-def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     cos: torch.Tensor, sin: torch.Tensor, n_head: int) -> torch.Tensor:
-    """decode_attention_reference as one op; on CUDA one Triton kernel (ternary_kernels.py)."""
-    return decode_attention_reference(qkv, k_cache, v_cache, pos, cos, sin, n_head)
-
-
-@decode_attention.register_fake
-def _(qkv, k_cache, v_cache, pos, cos, sin, n_head):
-    return qkv.new_empty(qkv.size(0), n_head * k_cache.size(3))
-
-
-def lm_head_argmax_reference(x, weight):
-    """The decoding head: x (B, C), the final hidden states -> logits (B, vocab) in x's dtype and
-    the greedy token (B, 1), the index of each row's first maximum (as argmax picks it)."""
-    logits = F.linear(x, weight)
-    return logits, logits.argmax(dim=-1, keepdim=True)
-
-
-@torch.library.custom_op('bitnet::lm_head_argmax', mutates_args=())
-def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """lm_head_argmax_reference as one op; on CUDA one Triton kernel (ternary_kernels.py)."""
-    return lm_head_argmax_reference(x, weight)
-
-
-@lm_head_argmax.register_fake
-def _(x, weight):
-    return x.new_empty(x.size(0), weight.size(0)), x.new_empty(x.size(0), 1, dtype=torch.long)
-
-
 class KVCache:
     """Keys and values of every layer, preallocated: (n_layer, B, n_kv_head, max_len, head_dim).
     pos (a Python int) counts the positions already written; generate() uses this one."""
@@ -159,47 +122,12 @@ class KVCache:
                                               enable_gqa=q.size(1) != k.size(1))
 
     def decodes(self, T):
+        """Whether attention for T new positions goes through self.decode(layer_idx, qkv, n_head)
+        instead (a subclass's single op for a decoding step: engine.StaticKVCache). Never here."""
         return False
 
     def advance(self, T):
         self.pos += T
-
-
-class StaticKVCache(KVCache):
-    """The same cache with its position in a device tensor and attention over the whole buffer
-    under a mask: no shape or Python value changes from one token to the next, so a decoding
-    step can be captured once in a CUDA graph and replayed (engine.py)."""
-
-    def __init__(self, config, batch_size, max_len, device, dtype):
-        super().__init__(config, batch_size, max_len, device, dtype)
-        self.pos = torch.zeros((), dtype=torch.long, device=device)
-        self.arange = torch.arange(max_len, device=device)
-
-    def rope(self, cos, sin, T):
-        self.tables = (cos, sin)  # kept for decode(), which rotates inside its one op
-        positions = self.pos + self.arange[:T]
-        return cos[positions], sin[positions]
-
-    def decodes(self, T):
-        """Whether attention for T new positions goes through decode() (one op per layer)."""
-        return T == 1
-
-    def decode(self, layer_idx, qkv, n_head):
-        """qkv (B, 1, (nh + 2 nkv) * hs): q, k, v side by side, not yet rotated -> (B, 1, nh * hs)."""
-        y = torch.ops.bitnet.decode_attention(qkv[:, 0], self.k[layer_idx], self.v[layer_idx], self.pos,
-                                              *self.tables, n_head)
-        return y[:, None]
-
-    def attend(self, layer_idx, q, k, v):
-        positions = self.pos + self.arange[:k.size(2)]                  # (T,)
-        self.k[layer_idx].index_copy_(2, positions, k.to(self.k.dtype))
-        self.v[layer_idx].index_copy_(2, positions, v.to(self.v.dtype))
-        mask = self.arange[None, :] <= positions[:, None]                # (T, max_len)
-        return F.scaled_dot_product_attention(q, self.k[layer_idx].to(q.dtype), self.v[layer_idx].to(q.dtype),
-                                              attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
-
-    def advance(self, T):
-        self.pos.add_(T)
 
 
 class Attention(nn.Module):
@@ -227,7 +155,7 @@ class Attention(nn.Module):
         before attn_sub_norm and o_proj (the packed model shares this part, and passes qkv,
         the tensor that q, k, v are slices of, so decoding needs no copy)."""
         B, T, C = q.size()
-        if kv_cache is not None and kv_cache.decodes(T):  # the engine's decoding step: one op
+        if kv_cache is not None and kv_cache.decodes(T):  # a cache that decodes in one op (engine.py)
             return kv_cache.decode(self.layer_idx, torch.cat((q, k, v), dim=-1) if qkv is None else qkv, self.n_head)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
@@ -359,12 +287,6 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, -1:], kv_cache=cache)
             idx = torch.cat((idx, sample(logits[:, -1, :], temperature, top_k)), dim=1)
         return idx
-
-    def pack(self):
-        """Convert this b1.58 model, in place, into its packed inference form: 2-bit ternary
-        weights and fused kernels, no latent float weights (packed.py). Returns self."""
-        from packed import pack_model
-        return pack_model(self)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW; weight decay on the 2-D weights only (matrices, embedding), none on norms.

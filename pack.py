@@ -14,9 +14,9 @@ import sys
 
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_packed
 from configurator import configure, fail
-from packed import is_packed, pack_model, save_packed
+from packed import is_packed, pack_model
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'          # reads out_dir/ckpt.pt, writes out_dir/ckpt_packed.pt ...

@@ -18,63 +18,23 @@ that precedes it and quantizes the activations itself, and o and down add the re
     x       = x + PackedLinear(ffn_sub_norm)(h)         (epilogue 'residual')
 
 One scale per output row (s_w of the projection the row came from) keeps fused rows exact.
-On disk (save_packed) every projection is stored on its own in the Hugging Face offline
+On disk (checkpoint.save_packed) every projection is stored on its own in the Hugging Face offline
 format: `weight` uint8 (ceil(out / 4), in) and `weight_scale` (1,) = s_w.
 
-The arithmetic lives in one custom op, torch.ops.bitnet.packed_linear: a pure-PyTorch
+The arithmetic lives in one custom op, torch.ops.bitnet.packed_linear (ops.py): a pure-PyTorch
 implementation that runs everywhere (unpack, exact integer product, rescale) and, on CUDA, a
 Triton kernel (ternary_kernels.py) registered for it, which torch.compile and CUDA graphs treat as one call.
 """
 
-import os
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from bitlinear import BitLinear, pack_ternary, quantize_activation, quantize_weight, unpack_2bit, unpack_ternary
-from model import GPT, GPTConfig, rotary_tables
+from bitlinear import BitLinear, pack_ternary, quantize_weight, unpack_2bit, unpack_ternary
+from model import GPT, PROJECTIONS, GPTConfig, projection_name, projection_parent, rotary_tables
+from ops import EPILOGUES, packed_linear_reference
 
-EPILOGUES = {'none': 0, 'residual': 1, 'relu2': 2}
 PACKED_FORMAT = 'bitnet-packed-v1'
 _reference_path = False  # set by verify_packed: run every layer through packed_linear_reference
-
-
-def float_matmul(x_int, packed, rows):
-    """int8 activations (M, K) x the first `rows` rows of packed 2-bit weights (R, K)
-    -> (M, rows) float32 holding the exact integer sums."""
-    return F.linear(x_int.float(), unpack_ternary(packed, rows).float())
-
-
-def packed_linear_reference(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps,
-                            matmul=float_matmul):
-    """x (M, K) -> (M, out) in x's dtype. norm_weight (K,): the RMSNorm applied first, as
-    bitlinear.RMSNorm computes it (empty: no norm). packed (R, K) uint8, row_scale (4R,) float32.
-    epilogue 0: y; 1: y + residual (M, out); 2: relu(y[:, :out])^2 * y[:, out:2 out] ([gate; up])."""
-    dtype = x.dtype
-    if norm_weight.numel():
-        x = norm_weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(dtype)
-    x_int, s_x = quantize_activation(x)                                  # int8, (M, 1)
-    y = matmul(x_int, packed, 4 * packed.size(0)) * (row_scale / s_x)    # exact integers, rescaled
-    if epilogue == 2:
-        y = F.relu(y[:, :out_features]).square() * y[:, out_features:2 * out_features]
-    else:
-        y = y[:, :out_features]
-    if epilogue == 1:
-        y = y + residual
-    return y.to(dtype)
-
-
-@torch.library.custom_op('bitnet::packed_linear', mutates_args=())
-def packed_linear(x: torch.Tensor, norm_weight: torch.Tensor, packed: torch.Tensor, row_scale: torch.Tensor,
-                  residual: torch.Tensor, out_features: int, epilogue: int, eps: float) -> torch.Tensor:
-    """The packed layer as one op (see packed_linear_reference); CUDA has its own kernel."""
-    return packed_linear_reference(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps)
-
-
-@packed_linear.register_fake
-def _(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps):
-    return x.new_empty(x.size(0), out_features)
 
 
 class PackedLinear(nn.Module):
@@ -116,9 +76,6 @@ class PackedLinear(nn.Module):
         return out
 
 
-PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
-
-
 class PackedBlock(nn.Module):
     """A transformer block with packed ternary projections; the same interface as model.Block,
     and the same names for everything it keeps (norms), so its state dict reads like one."""
@@ -149,14 +106,6 @@ class PackedBlock(nn.Module):
         pairs = self.qkv.ternary_weights() + self.o.ternary_weights() + self.gate_up.ternary_weights() \
             + self.down.ternary_weights()
         return dict(zip(PROJECTIONS, pairs))
-
-
-def projection_parent(proj):
-    return 'self_attn' if proj in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'
-
-
-def projection_name(i, proj):
-    return f'model.layers.{i}.{projection_parent(proj)}.{proj}'
 
 
 @torch.no_grad()
@@ -200,16 +149,16 @@ def packed_state_dict(model):
     return out
 
 
-def save_packed(model, path, tokenizer=None, dtype=None):
-    """Write a packed model to path (atomically): the packed state dict, model_args, tokenizer.
-    dtype converts the full-precision tensors (embedding, norms, lm_head), e.g. torch.bfloat16."""
-    from checkpoint import save_checkpoint
+def packed_checkpoint(model, tokenizer=None, dtype=None):
+    """The dict of a packed file (checkpoint.save_packed writes it): the packed state dict,
+    model_args and the tokenizer meta data. dtype converts the full-precision tensors
+    (embedding, norms, lm_head), e.g. torch.bfloat16; the scales stay float32."""
     state = packed_state_dict(model)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() and not k.endswith('weight_scale') else v
                  for k, v in state.items()}
     model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
-    save_checkpoint(dict(format=PACKED_FORMAT, packed=state, model_args=model_args, tokenizer=tokenizer), path)
+    return dict(format=PACKED_FORMAT, packed=state, model_args=model_args, tokenizer=tokenizer)
 
 
 def check_packed_state(state, config):
@@ -268,15 +217,15 @@ def verify_packed(model, idx, rtol=1e-5):
 
 
 def load_packed(checkpoint, path='packed checkpoint'):
-    """A packed GPT (on the CPU) from a checkpoint dict written by save_packed. The model is
-    built on the meta device first, so no latent weights are ever allocated."""
-    from checkpoint import CheckpointError
+    """A packed GPT (on the CPU) from a packed file's dict (packed_checkpoint). The model is
+    built on the meta device first, so no latent weights are ever allocated. A damaged or
+    mismatched file raises ValueError with a one-line reason naming path."""
     config = GPTConfig(**{**checkpoint['model_args'], 'dropout': 0.0})
     state = checkpoint['packed']
     problems = check_packed_state(state, config)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise CheckpointError(f"{path} is damaged: {problems[0]}{more}")
+        raise ValueError(f"{path} is damaged: {problems[0]}{more}")
     with torch.device('meta'):
         model = GPT(config)
     weights = []
@@ -286,7 +235,7 @@ def load_packed(checkpoint, path='packed checkpoint'):
             layer, name = getattr(getattr(block, projection_parent(proj)), proj), projection_name(i, proj)
             expected = (-(-layer.out_features // 4), layer.in_features)
             if tuple(state[f'{name}.weight'].shape) != expected:
-                raise CheckpointError(f"{path}: {name}.weight has shape {tuple(state[f'{name}.weight'].shape)}, "
+                raise ValueError(f"{path}: {name}.weight has shape {tuple(state[f'{name}.weight'].shape)}, "
                                       f"the model needs {expected}")
             w[proj] = (unpack_ternary(state[f'{name}.weight'], layer.out_features),
                        state[f'{name}.weight_scale'].float().reshape(()))
@@ -296,13 +245,13 @@ def load_packed(checkpoint, path='packed checkpoint'):
     try:
         model.load_state_dict(rest, strict=False, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path} does not match its model: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"{path} does not match its model: {str(e).splitlines()[0]}") from None
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rope_cos, model.rope_sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
-        raise CheckpointError(f"{path} is missing {left[0]}")
+        raise ValueError(f"{path} is missing {left[0]}")
     return model
 
 

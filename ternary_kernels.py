@@ -1,6 +1,6 @@
 """
-CUDA implementation of torch.ops.bitnet.packed_linear (packed.py), registered for the op when
-this module is imported (packed.py does so when a GPU and Triton are there).
+CUDA implementations of the inference ops (ops.py), registered for them when this module is
+imported (packed.py and engine.py do so when a GPU and Triton are there).
 
 Decode (M <= 16 rows): one Triton kernel does the whole layer for each row of x:
   1. RMSNorm of the row (optional), its absmax and its int8 quantization: every program reads
@@ -18,11 +18,11 @@ is persistent (a few programs per SM walk over the tiles, the next tile always i
 packed_gemv_kernel loops over K for wider rows. The weight bytes are read exactly once per row
 of x.
 
-Decode attention (torch.ops.bitnet.decode_attention, model.py): one program per (kv head,
+Decode attention (torch.ops.bitnet.decode_attention, ops.py): one program per (kv head,
 sequence) streams the cached keys and values of positions 0 .. pos once, for all the query
 heads that share them (grouped-query attention), with an online softmax.
 
-The decoding head (torch.ops.bitnet.lm_head_argmax, model.py): logits = x @ lm_head^T as a
+The decoding head (torch.ops.bitnet.lm_head_argmax, ops.py): logits = x @ lm_head^T as a
 GEMV over blocks of vocabulary rows, each block also leaving its first maximum, and the last
 block to finish picking the greedy token, so greedy decoding needs no separate argmax kernels.
 
@@ -39,9 +39,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from model import decode_attention, decode_attention_reference, lm_head_argmax, lm_head_argmax_reference
 from bitlinear import unpack_ternary
-from packed import packed_linear, packed_linear_reference
+from ops import (decode_attention, decode_attention_reference, lm_head_argmax, lm_head_argmax_reference, packed_linear,
+                 packed_linear_reference)
 
 
 @triton.jit

@@ -19,8 +19,8 @@ import triton.language as tl  # noqa: E402
 
 import ternary_kernels as kernels  # noqa: E402
 from bitlinear import pack_ternary  # noqa: E402
-from model import decode_attention_reference, lm_head_argmax_reference, rotary_tables  # noqa: E402
-from packed import packed_linear_reference  # noqa: E402
+from model import rotary_tables  # noqa: E402
+from ops import decode_attention_reference, lm_head_argmax_reference, packed_linear_reference  # noqa: E402
 
 
 class RoundHalfEven:

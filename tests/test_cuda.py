@@ -29,7 +29,7 @@ def random_packed_inputs(M, K, out, epilogue, dtype, norm, seed):
 @pytest.mark.parametrize('K,out', [(64, 64), (200, 13), (2560, 96), (202, 8), (8200, 24)])   # 202: the fallback; 8200: the loop kernel
 @pytest.mark.parametrize('epilogue', [0, 1, 2])
 def test_kernel_matches_reference_without_norm(M, K, out, epilogue):
-    from packed import packed_linear, packed_linear_reference
+    from ops import packed_linear, packed_linear_reference
     if epilogue == 2 and out % 2:
         out += 1
     args = random_packed_inputs(M, K, out, epilogue, torch.float32, False, seed=M * K + out + epilogue)
@@ -43,7 +43,7 @@ def test_kernel_matches_reference_without_norm(M, K, out, epilogue):
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('epilogue', [0, 1, 2])
 def test_kernel_matches_reference_with_norm(dtype, epilogue):
-    from packed import packed_linear, packed_linear_reference
+    from ops import packed_linear, packed_linear_reference
     args = random_packed_inputs(1, 2560, 640, epilogue, dtype, True, seed=7 + epilogue)
     y, ref = packed_linear(*args).float(), packed_linear_reference(*args).float()
     # the kernel's rsqrt may differ from F.rms_norm's in the last bit, which can move an
@@ -58,7 +58,8 @@ def test_kernel_matches_reference_with_norm(dtype, epilogue):
 @pytest.mark.parametrize('pos', [0, 63, 64, 200])
 def test_decode_attention_kernel_matches_reference(dtype, nh, nkv, hd, pos):
     import ternary_kernels  # noqa: F401
-    from model import decode_attention, decode_attention_reference, rotary_tables
+    from model import rotary_tables
+    from ops import decode_attention, decode_attention_reference
     g = torch.Generator(device='cuda').manual_seed(pos + nh)
     qkv = torch.randn(2, (nh + 2 * nkv) * hd, device='cuda', generator=g).to(dtype)
     k = torch.randn(2, nkv, 256, hd, device='cuda', generator=g).to(dtype)
@@ -80,7 +81,7 @@ def test_decode_attention_kernel_matches_reference(dtype, nh, nkv, hd, pos):
 @pytest.mark.parametrize('B,V,C', [(1, 128256, 2560), (2, 50257, 768), (3, 80, 128)])
 def test_lm_head_kernel_matches_reference(dtype, B, V, C):
     import ternary_kernels  # noqa: F401
-    from model import lm_head_argmax, lm_head_argmax_reference
+    from ops import lm_head_argmax, lm_head_argmax_reference
     g = torch.Generator(device='cuda').manual_seed(V)
     x = torch.randn(B, C, device='cuda', generator=g).to(dtype)
     w = (torch.randn(V, C, device='cuda', generator=g) * 0.02).to(dtype)

@@ -22,11 +22,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bitlinear import BitLinear, activation_scale, quantize_activation, quantize_weight
-from checkpoint import model_from_checkpoint, save_checkpoint
+from checkpoint import model_from_checkpoint, save_checkpoint, save_packed
 from conftest import REPO, TINY, run
 from hf import HFError, check_finetuning_data, is_projection, load_hf_checkpoint
 from model import GPT, GPTConfig
-from packed import pack_model, save_packed
+from packed import pack_model
 from prepare_data import DataError, gpt2_encoding, load_tokenizer, prepare
 
 transformers = pytest.importorskip('transformers')

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from bitlinear import BitLinear, BitLinear1b
-from model import GPT, GPTConfig, KVCache, StaticKVCache, apply_rotary, rotary_tables
+from engine import StaticKVCache
+from model import GPT, GPTConfig, KVCache, apply_rotary, rotary_tables
 
 
 def make(quant='b1.58', **kw):

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from bitlinear import pack_ternary, quantize_weight, unpack_ternary
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint, save_packed
 from conftest import integer_layers, run
 from model import GPT, GPTConfig
-from packed import (PackedLinear, is_packed, load_packed, pack_model, packed_linear_reference, packed_state_dict,
-                    save_packed, verify_packed)
+from ops import packed_linear_reference
+from packed import PackedLinear, is_packed, load_packed, pack_model, packed_state_dict, verify_packed
 
 
 def make(**kw):
@@ -31,7 +31,7 @@ def test_packed_model_equals_training_form(kw):
         with integer_layers(model):
             ref, _ = model(idx, idx)
             greedy = model.generate(idx[:, :4], 40, temperature=0)
-        assert model.pack() is model
+        assert pack_model(model) is model
         out, _ = model(idx, idx)
         assert torch.equal(model.generate(idx[:, :4], 40, temperature=0), greedy)
     assert is_packed(model)
@@ -41,8 +41,8 @@ def test_packed_model_equals_training_form(kw):
 
 def test_packed_model_decodes_through_the_static_cache():
     """The engine's cache on a packed model: the fused qkv goes to the decode_attention op as it is."""
-    from model import StaticKVCache
-    model = make(n_kv_head=2).pack()
+    from engine import StaticKVCache
+    model = pack_model(make(n_kv_head=2))
     prompt = torch.randint(40, (2, 5))
     with torch.no_grad():
         expected = model.generate(prompt, 12, temperature=0)

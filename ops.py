@@ -1,0 +1,106 @@
+"""
+The inference ops: each a torch custom op with a pure-PyTorch implementation that runs on any
+device, so torch.compile and CUDA graphs see one call, and faster kernels can register for a
+device without this file knowing them (ternary_kernels.py does so for CUDA).
+
+    bitnet::packed_linear     a packed ternary layer: RMSNorm, int8 activations, the exact
+                              integer product with 2-bit weights, rescale, epilogue (packed.py)
+    bitnet::decode_attention  one decoding step of attention: rotary, cache write, attend
+    bitnet::lm_head_argmax    the decoding head: logits and the greedy token together
+
+Each op's reference function (`*_reference`) is what the op computes; tests compare every
+kernel with it.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from bitlinear import quantize_activation, unpack_ternary
+from model import apply_rotary
+
+EPILOGUES = {'none': 0, 'residual': 1, 'relu2': 2}
+
+
+def float_matmul(x_int, packed, rows):
+    """int8 activations (M, K) x the first `rows` rows of packed 2-bit weights (R, K)
+    -> (M, rows) float32 holding the exact integer sums."""
+    return F.linear(x_int.float(), unpack_ternary(packed, rows).float())
+
+
+def packed_linear_reference(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps,
+                            matmul=float_matmul):
+    """x (M, K) -> (M, out) in x's dtype. norm_weight (K,): the RMSNorm applied first, as
+    bitlinear.RMSNorm computes it (empty: no norm). packed (R, K) uint8, row_scale (4R,) float32.
+    epilogue 0: y; 1: y + residual (M, out); 2: relu(y[:, :out])^2 * y[:, out:2 out] ([gate; up])."""
+    dtype = x.dtype
+    if norm_weight.numel():
+        x = norm_weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(dtype)
+    x_int, s_x = quantize_activation(x)                                  # int8, (M, 1)
+    y = matmul(x_int, packed, 4 * packed.size(0)) * (row_scale / s_x)    # exact integers, rescaled
+    if epilogue == 2:
+        y = F.relu(y[:, :out_features]).square() * y[:, out_features:2 * out_features]
+    else:
+        y = y[:, :out_features]
+    if epilogue == 1:
+        y = y + residual
+    return y.to(dtype)
+
+
+@torch.library.custom_op('bitnet::packed_linear', mutates_args=())
+def packed_linear(x: torch.Tensor, norm_weight: torch.Tensor, packed: torch.Tensor, row_scale: torch.Tensor,
+                  residual: torch.Tensor, out_features: int, epilogue: int, eps: float) -> torch.Tensor:
+    """The packed layer as one op (see packed_linear_reference); CUDA has its own kernel."""
+    return packed_linear_reference(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps)
+
+
+@packed_linear.register_fake
+def _(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps):
+    return x.new_empty(x.size(0), out_features)
+
+
+def decode_attention_reference(qkv, k_cache, v_cache, pos, cos, sin, n_head):
+    """One decoding step of attention, for one new position per sequence: qkv (B, (nh + 2 nkv) hs)
+    is the projected q, k, v at position pos (a 0-d tensor); rotate q and k (cos, sin: the
+    (max_positions, hs) tables), write k and v into the caches (B, nkv, max_len, hs) at pos,
+    and attend from q to positions 0 .. pos -> (B, nh * hs)."""
+    B, nkv, _, hs = k_cache.shape
+    q, k, v = qkv.split([n_head * hs, nkv * hs, nkv * hs], dim=-1)
+    q, k, v = q.view(B, n_head, 1, hs), k.view(B, nkv, 1, hs), v.view(B, nkv, 1, hs)
+    c, s = cos[pos].view(1, hs), sin[pos].view(1, hs)
+    q, k = apply_rotary(q, c, s), apply_rotary(k, c, s)
+    k_cache.index_copy_(2, pos.view(1), k.to(k_cache.dtype))
+    v_cache.index_copy_(2, pos.view(1), v.to(v_cache.dtype))
+    mask = (torch.arange(k_cache.size(2), device=q.device) <= pos)[None, :]   # (1, max_len)
+    y = F.scaled_dot_product_attention(q.to(k_cache.dtype), k_cache, v_cache, attn_mask=mask,
+                                       enable_gqa=n_head != nkv)
+    return y.reshape(B, n_head * hs).to(qkv.dtype)
+
+
+@torch.library.custom_op('bitnet::decode_attention', mutates_args=('k_cache', 'v_cache'))
+def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, n_head: int) -> torch.Tensor:
+    """decode_attention_reference as one op; on CUDA one Triton kernel (ternary_kernels.py)."""
+    return decode_attention_reference(qkv, k_cache, v_cache, pos, cos, sin, n_head)
+
+
+@decode_attention.register_fake
+def _(qkv, k_cache, v_cache, pos, cos, sin, n_head):
+    return qkv.new_empty(qkv.size(0), n_head * k_cache.size(3))
+
+
+def lm_head_argmax_reference(x, weight):
+    """The decoding head: x (B, C), the final hidden states -> logits (B, vocab) in x's dtype and
+    the greedy token (B, 1), the index of each row's first maximum (as argmax picks it)."""
+    logits = F.linear(x, weight)
+    return logits, logits.argmax(dim=-1, keepdim=True)
+
+
+@torch.library.custom_op('bitnet::lm_head_argmax', mutates_args=())
+def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lm_head_argmax_reference as one op; on CUDA one Triton kernel (ternary_kernels.py)."""
+    return lm_head_argmax_reference(x, weight)
+
+
+@lm_head_argmax.register_fake
+def _(x, weight):
+    return x.new_empty(x.size(0), weight.size(0)), x.new_empty(x.size(0), 1, dtype=torch.long)
