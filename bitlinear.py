@@ -20,8 +20,8 @@ difference can make a later layer round an activation that sits on a rounding bo
 other way, so verify_bitlinear compares layer by layer. The
 straight-through estimator treats round/clamp as the identity in the backward pass, so with the
 scales detached dy/dx = W_q and dy/dW = x_q: the backward pass is a float layer's two matmuls,
-with no rescaling of gradients. That is what keeps a b1.58 training step close to a float one
-(README, Training step time). Run eagerly (the CPU default), BitLinear computes the forward and
+with no rescaling of gradients, which keeps a b1.58 training step close to a float one
+(docs/results.md). Run eagerly (the CPU default), BitLinear computes the forward and
 backward with TernaryMatmul, written out by hand: the same numbers, bit for bit, in fewer
 operations; under torch.compile it uses the straight-through form, which Inductor fuses.
 
@@ -143,9 +143,9 @@ class TernaryMatmul(torch.autograd.Function):
     ste's additions and subtractions. Kept for backward: x_q and W_q in the matmul's dtype.
         dL/dx = dL/dy @ W_q
         dL/dW = dL/dy^T @ x_q
-    Eager only: compiled by Inductor for CUDA (PyTorch 2.11), an earlier version of this
-    Function with in-place operations gave zero weight gradients (README), so compiled code
-    traces the straight-through form instead.
+    Eager only: compiled code traces the straight-through form, which Inductor fuses and which
+    keeps custom autograd code out of compiled graphs (Inductor can miscompile in-place
+    operations inside a Function: it gave zero weight gradients for CUDA in PyTorch 2.11).
     """
 
     @staticmethod
