@@ -198,6 +198,7 @@ model_args = dict(block_size=block_size, vocab_size=meta['vocab_size'], n_layer=
                   quant=quant, tie_embeddings=tie_embeddings, rope_theta=rope_theta)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 iter_num, best_val_loss, best_iter = 0, float('inf'), 0
+wandb_run_id = None  # a resumed run logs on in the wandb run its checkpoint names
 torch.manual_seed(seed)  # the same initial weights on every rank
 if init_from == 'scratch':
     if master_process and os.path.exists(ckpt_path) and not eval_only:
@@ -237,6 +238,7 @@ else:
         fail(str(e))
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     best_iter = checkpoint.get('best_iter', iter_num)
+    wandb_run_id = checkpoint.get('wandb_run_id')
 model.to(device)
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if checkpoint is not None:
@@ -252,6 +254,8 @@ if ema_decay > 0 and master_process:
         ema = [checkpoint['model'][k].to(device=device, dtype=w.dtype, copy=True) for k, w in state.items()]
     else:
         ema = [w.clone() for w in weights]
+# after each step: ema = ema_decay * ema + (1 - ema_decay) * weights, one lerp over all tensors
+ema_update = torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay)
 checkpoint = None  # free up memory
 raw_model = model  # what we save: no '_orig_mod.' (compile) or 'module.' (DDP) prefixes
 if compile:
@@ -270,12 +274,14 @@ def averaged_weights():
         return
     with torch.no_grad():
         own = [w.clone() for w in weights]
-        torch._foreach_copy_(weights, ema)
+        for w, e in zip(weights, ema):
+            w.copy_(e)
     try:
         yield
     finally:
         with torch.no_grad():
-            torch._foreach_copy_(weights, own)
+            for w, o in zip(weights, own):
+                w.copy_(o)
 
 
 @torch.no_grad()
@@ -285,7 +291,8 @@ def estimate_loss(splits=('train', 'val')):
     model.eval()
     for split in splits:
         losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
+        for k in tqdm(range(eval_iters), desc=f'eval {split}', unit='batch', leave=False, dynamic_ncols=True,
+                      disable=not sys.stderr.isatty()):
             X, Y = get_batch(split, EVAL, 0 if split == 'train' else 1, k)
             with autocast:
                 _, loss = model(X, Y)
@@ -327,7 +334,10 @@ if wandb_log and master_process:
         import wandb
     except ImportError:
         fail("wandb_log=True needs wandb: pip install wandb (or WANDB_MODE=offline to log locally)")
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    # id=None starts a new run; a resumed checkpoint's id continues its run (resume='allow' also starts
+    # it afresh under that id if wandb no longer has it)
+    wandb_run_id = wandb.init(project=wandb_project, name=wandb_run_name, config=config,
+                              id=wandb_run_id, resume='allow').id
 
 
 def log(record):
@@ -371,7 +381,8 @@ while True:
             weights_saved = dict(model=state) if ema is None else dict(model=dict(zip(state, ema)), train_model=state)
             save_checkpoint(dict(**weights_saved, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                                  model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss,
-                                 best_iter=best_iter, config=config, tokenizer=meta), ckpt_path)
+                                 best_iter=best_iter, config=config, tokenizer=meta, wandb_run_id=wandb_run_id),
+                            ckpt_path)
             tqdm.write(f"saved checkpoint to {ckpt_path}")
         t0, timed = time.time(), 0  # evaluation time is not training time
     if iter_num >= max_iters or eval_only:
@@ -394,8 +405,7 @@ while True:
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, weights, 1.0 - ema_decay)
+        ema_update(ema, weights, iter_num)
 
     timed += 1
     if master_process and iter_num % log_interval == 0:
@@ -419,5 +429,7 @@ pbar.close()
 if master_process:
     print(f"best val loss {best_val_loss:.4f} at iter {best_iter}")
     log_file.close()
+    if wandb_log:
+        wandb.finish()
 if ddp:
     destroy_process_group()

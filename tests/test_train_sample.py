@@ -92,6 +92,24 @@ def test_moving_average_of_the_weights(tmp_path, corpus_dir):
     assert 'PASS' in r.stdout
 
 
+def test_resumed_run_continues_its_wandb_run(tmp_path, corpus_dir, monkeypatch):
+    """The checkpoint stores the wandb run's id; --init_from=resume logs on in that run."""
+    pytest.importorskip('wandb')
+    monkeypatch.setenv('WANDB_MODE', 'offline')   # offline runs are folders wandb/offline-run-<time>-<id>
+    monkeypatch.setenv('WANDB_DIR', str(tmp_path))
+    common = ['--wandb_log=True', '--eval_interval=2', '--always_save_checkpoint=True', '--eval_iters=1']
+    out = tmp_path / 'out'
+    r = train(corpus_dir, out, *common, '--max_iters=2')
+    assert r.returncode == 0, r.stderr
+    run_id = load_checkpoint(os.path.join(out, 'ckpt.pt'))['wandb_run_id']
+    assert re.fullmatch(r'[a-z0-9]{8}', run_id)
+    r = train(corpus_dir, out, *common, '--max_iters=4', '--init_from=resume')
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(os.path.join(out, 'ckpt.pt'))['wandb_run_id'] == run_id
+    runs = sorted(d for d in os.listdir(tmp_path / 'wandb') if d.startswith('offline-run-'))
+    assert len(runs) == 2 and all(d.endswith('-' + run_id) for d in runs)
+
+
 def test_a_new_run_never_overwrites_a_checkpoint(corpus_dir, trained_ckpt):
     before = os.path.getmtime(trained_ckpt / 'ckpt.pt')
     r = train(corpus_dir, trained_ckpt, '--max_iters=1')
