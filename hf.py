@@ -139,7 +139,10 @@ def gpt2_tokenizer_files(model_max_length):
     """{file name: text} of a GPT-2 tokenizer that transformers' AutoTokenizer loads, built from
     tiktoken's GPT-2 ranks: vocab.json (token -> id), merges.txt and tokenizer_config.json.
     tiktoken stores ranks, not merges; the merge that makes a token is found by running BPE on
-    its bytes with the ranks below its own, which leaves exactly two parts."""
+    its bytes with the ranks below its own, which leaves exactly two parts. transformers'
+    TikTokenConverter.extract_vocab_merges_from_model gives the same vocabulary (in rank order,
+    without <|endoftext|>) but lists every split of a token into two tokens as a merge (108,299
+    lines instead of GPT-2's 50,000), so its files differ from GPT-2's; tests/test_hf.py compares."""
     enc = gpt2_encoding()
     ranks = {b: enc.encode_single_token(b) for b in enc.token_byte_values()}
     byte_chars = bytes_to_unicode()

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from bitlinear import BitLinear, activation_scale, quantize_activation, quantize_weight
 from checkpoint import model_from_checkpoint, save_checkpoint, save_packed
 from conftest import REPO, TINY, run
-from hf import HFError, check_finetuning_data, is_projection, load_hf_checkpoint
+import hf
+from hf import HFError, check_finetuning_data, gpt2_tokenizer_files, is_projection, load_hf_checkpoint
 from model import GPT, GPTConfig
 from packed import pack_model
 from prepare_data import DataError, gpt2_encoding, load_tokenizer, prepare
@@ -574,3 +575,33 @@ def test_gpt2_tokenizer_export_encodes_like_tiktoken(tmp_path):
     encode, decode = load_tokenizer(own)
     assert encode("ROMEO:\nBut, soft!") == enc.encode("ROMEO:\nBut, soft!")
     assert decode(enc.encode("ROMEO:\nBut, soft!")) == "ROMEO:\nBut, soft!"
+
+
+def test_gpt2_tokenizer_files_against_transformers_tiktoken_converter():
+    """transformers' TikTokenConverter (extract_vocab_merges_from_model) would replace
+    hf.gpt2_tokenizer_files if its files were byte-identical. They are not: its vocab is the same
+    map in rank order (ours: tiktoken's byte order, plus <|endoftext|>), and its merges list every
+    split of a token into two tokens (108,299 lines) where GPT-2's merges.txt has the one split BPE
+    makes (50,000, ours). This test fails when that changes: then switch to the library."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode
+    try:
+        enc = gpt2_encoding()
+    except DataError:
+        pytest.skip("tiktoken's GPT-2 files are not available")
+
+    class FromEncoding(TikTokenConverter):
+        load_tiktoken_bpe = staticmethod(lambda _: enc._mergeable_ranks)
+    vocab, merges = FromEncoding().extract_vocab_merges_from_model(None)
+    ours = gpt2_tokenizer_files(1024)
+    assert hf.bytes_to_unicode() == bytes_to_unicode()
+    theirs_vocab = {**vocab, '<|endoftext|>': 50256}
+    assert json.loads(ours['vocab.json']) == theirs_vocab
+    assert ours['vocab.json'] != json.dumps(theirs_vocab, ensure_ascii=False)   # the order of the keys
+    our_merges = ours['merges.txt'].splitlines()
+    their_merges = [f'{a} {b}' for a, b in merges]
+    assert our_merges[0] == '#version: 0.2' and len(our_merges) - 1 == 50000 == enc.n_vocab - 257
+    assert len(their_merges) == 108299
+    assert our_merges[1:8] == ['Ġ t', 'Ġ a', 'h e', 'i n', 'r e', 'o n', 'Ġt he']   # GPT-2's merges.txt
+    assert their_merges[:7] == ['Ġ t', 'Ġ a', 'h e', 'i n', 'r e', 'o n', 'Ġ the']
+    remaining = iter(their_merges)
+    assert all(m in remaining for m in our_merges[1:])   # ours: a subsequence of theirs, in the same order
