@@ -32,7 +32,7 @@ from bitlinear import quantize_weight
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from configurator import configure, fail
 from hf import (DTYPES, VARIANTS, HFError, gpt2_tokenizer_files, gpt_state_dict_from_hf, hf_config, hf_state_dict,
-                is_projection)
+                is_projection, progress)
 from prepare_data import DataError
 
 EXPORT_FILES = {'model.safetensors', 'config.json', 'vocab.json', 'merges.txt', 'tokenizer_config.json', 'meta.json',
@@ -122,7 +122,7 @@ print(f"wrote {to}/: BitNetForCausalLM, quant={model.config.quant}, variant {var
 if variant == 'master' and dtype == 'bfloat16' and model.config.quant == 'b1.58':
     # rounding the latent weights to bf16 can move a few across a rounding boundary
     moved = total = 0
-    for name, w in model.state_dict().items():
+    for name, w in progress(model.state_dict().items(), 'comparing'):
         if is_projection(name):
             moved += (quantize_weight(w)[0] != quantize_weight(tensors[name])[0]).sum().item()
             total += w.numel()

@@ -42,9 +42,11 @@ would quantize to a smaller scale, another model. With the 1 / f, mean|W| = s_w 
 import json
 import math
 import os
+import sys
 
 import torch
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from bitlinear import pack_ternary, quantize_weight, unpack_2bit, weight_scale
 from checkpoint import CheckpointError
@@ -59,6 +61,12 @@ GPT2_EOT = 50256                # <|endoftext|>, GPT-2's only special token
 
 class HFError(CheckpointError):
     """A directory that cannot become our GPT, or a GPT that cannot become one; says what to do."""
+
+
+def progress(items, what):
+    """items with a progress bar on stderr while they are consumed, for the minutes a large model takes;
+    shown only on a terminal, and cleared (also by an error, when used as a context manager)."""
+    return tqdm(items, desc=what, unit='tensor', leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
 
 
 def is_projection(name):
@@ -110,18 +118,19 @@ def hf_state_dict(model, variant, dtype):
     """The tensors of model.safetensors: our state dict in dtype, without lm_head.weight when it is
     tied; packed: every projection as uint8 'weight' (ceil(out / 4), in) plus 'weight_scale' (1,)."""
     out = {}
-    for name, t in model.state_dict().items():
-        if name == 'lm_head.weight' and model.config.tie_embeddings:
-            continue    # transformers ties it to model.embed_tokens.weight
-        if variant == 'packed' and is_projection(name):
-            if t.shape[0] % 4:
-                raise HFError(f"{name} has {t.shape[0]} output rows, and transformers loads packed weights only "
-                              f"when that is a multiple of 4: export with --variant=master")
-            w_t, s_w = quantize_weight(t)
-            out[name] = pack_ternary(w_t)
-            out[name + '_scale'] = s_w.reshape(1)   # ...q_proj.weight_scale, float32 as in pack.py's files
-        else:
-            out[name] = t.detach().to('cpu', DTYPES[dtype]).contiguous()
+    with progress(model.state_dict().items(), 'converting') as tensors:
+        for name, t in tensors:
+            if name == 'lm_head.weight' and model.config.tie_embeddings:
+                continue    # transformers ties it to model.embed_tokens.weight
+            if variant == 'packed' and is_projection(name):
+                if t.shape[0] % 4:
+                    raise HFError(f"{name} has {t.shape[0]} output rows, and transformers loads packed weights "
+                                  f"only when that is a multiple of 4: export with --variant=master")
+                w_t, s_w = quantize_weight(t)
+                out[name] = pack_ternary(w_t)
+                out[name + '_scale'] = s_w.reshape(1)   # ...q_proj.weight_scale, float32 as in pack.py's files
+            else:
+                out[name] = t.detach().to('cpu', DTYPES[dtype]).contiguous()
     return out
 
 
@@ -293,31 +302,36 @@ def gpt_state_dict_from_hf(tensors, model_args, linear_class, where):
         expected = GPT(GPTConfig(**model_args)).state_dict()
     tied = model_args['tie_embeddings']
     state, used = {}, set()
-    for name, like in expected.items():
-        if name == 'lm_head.weight' and tied:
-            continue
-        if name not in tensors:
-            raise HFError(f"{where}: {name} is missing from the weights")
-        t = tensors[name]
-        used.add(name)
-        if t.dtype == torch.uint8 and is_projection(name):   # packed 2-bit weights
-            shape = (math.ceil(like.shape[0] / 4), like.shape[1])
-            scale = tensors.get(name + '_scale')
-            if linear_class is None or scale is None or scale.numel() != 1 or tuple(t.shape) != shape:
-                raise HFError(f"{where}: {name} is packed (uint8 {tuple(t.shape)}), but config.json describes "
-                              f"{tuple(like.shape)} and needs a bitnet quantization_config and a (1,) weight_scale")
-            codes = unpack_2bit(t, like.shape[0])
-            if (codes == 3).any():
-                raise HFError(f"{where}: {name} holds the 2-bit code 3, which is no ternary value: the file is damaged")
-            scale = scale.float().reshape(())
-            if not (torch.isfinite(scale) and scale > 0):
-                raise HFError(f"{where}: {name}_scale is {scale.item()}, not a positive number: the file is damaged")
-            s_w = scale if linear_class == 'autobitlinear' else 1.0 / scale   # 'bitlinear' stores 1 / s_w
-            t = latent_from_ternary(codes.to(torch.int8) - 1, s_w)
-            used.add(name + '_scale')
-        elif tuple(t.shape) != tuple(like.shape):
-            raise HFError(f"{where}: {name} has shape {tuple(t.shape)}, but config.json describes {tuple(like.shape)}")
-        state[name] = t.float()
+    with progress(expected.items(), 'reading weights') as names:
+        for name, like in names:
+            if name == 'lm_head.weight' and tied:
+                continue
+            if name not in tensors:
+                raise HFError(f"{where}: {name} is missing from the weights")
+            t = tensors[name]
+            used.add(name)
+            if t.dtype == torch.uint8 and is_projection(name):   # packed 2-bit weights
+                shape = (math.ceil(like.shape[0] / 4), like.shape[1])
+                scale = tensors.get(name + '_scale')
+                if linear_class is None or scale is None or scale.numel() != 1 or tuple(t.shape) != shape:
+                    raise HFError(f"{where}: {name} is packed (uint8 {tuple(t.shape)}), but config.json "
+                                  f"describes {tuple(like.shape)} and needs a bitnet quantization_config and a (1,) "
+                                  f"weight_scale")
+                codes = unpack_2bit(t, like.shape[0])
+                if (codes == 3).any():
+                    raise HFError(f"{where}: {name} holds the 2-bit code 3, which is no ternary value: "
+                                  f"the file is damaged")
+                scale = scale.float().reshape(())
+                if not (torch.isfinite(scale) and scale > 0):
+                    raise HFError(f"{where}: {name}_scale is {scale.item()}, not a positive number: "
+                                  f"the file is damaged")
+                s_w = scale if linear_class == 'autobitlinear' else 1.0 / scale   # 'bitlinear' stores 1 / s_w
+                t = latent_from_ternary(codes.to(torch.int8) - 1, s_w)
+                used.add(name + '_scale')
+            elif tuple(t.shape) != tuple(like.shape):
+                raise HFError(f"{where}: {name} has shape {tuple(t.shape)}, but config.json describes "
+                              f"{tuple(like.shape)}")
+            state[name] = t.float()
     if tied:
         state['lm_head.weight'] = state['model.embed_tokens.weight']
         used.add('lm_head.weight')   # a tied checkpoint may store it anyway; transformers ignores it

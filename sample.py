@@ -19,6 +19,7 @@ import sys
 from contextlib import nullcontext
 
 import torch
+from tqdm import tqdm
 
 from bitlinear import verify_bitlinear
 from packed import is_packed, verify_packed
@@ -114,12 +115,21 @@ if not start_ids:
     fail("the prompt is empty: give at least one token with --start=TEXT")
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
 generate = lambda: model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k)
+engine = None
 if device_type == 'cuda' and x.size(1) + max_new_tokens <= model.config.block_size:
     from engine import Engine
     engine = Engine(model, max_len=x.size(1) + max_new_tokens, dtype=ptdtype, compile=False)
     generate = lambda: engine.generate(x, max_new_tokens, temperature=temperature, top_k=top_k)
 with torch.no_grad(), autocast:
     for k in range(num_samples):
-        y = generate()
+        # a progress bar on a terminal, one tick per forward pass of model.generate (one per new token);
+        # the engine replays CUDA graphs, which run no Python hooks, and needs no bar at its speed
+        with tqdm(total=max_new_tokens, unit='tok', leave=False, dynamic_ncols=True,
+                  disable=engine is not None or not sys.stderr.isatty()) as bar:
+            tick = lambda *_: bar.update(1) and None   # a hook that returns something replaces the output
+            hook = None if bar.disable else model.register_forward_hook(tick)
+            y = generate()
+            if hook is not None:
+                hook.remove()
         print(decode(y[0].tolist()))
         print('---------------')
