@@ -87,8 +87,8 @@ dtype = 'auto'             # 'auto' (bfloat16 on CUDA where supported, else floa
 compile = None             # torch.compile; None: on for CUDA, off elsewhere
 cuda_graphs = None         # run the compiled forward and backward as CUDA graphs (torch.compile
                            # mode='reduce-overhead'): one launch instead of hundreds of kernels, the
-                           # step of small models is bound by launching them (README, Training step
-                           # time); None: on when compiling for one CUDA GPU (not under torchrun)
+                           # step of small models is bound by launching them (docs/results.md, training
+                           # step); None: on when compiling for one CUDA GPU (not under torchrun)
                            # with gradient_accumulation_steps = 1
 seed = 1337
 backend = 'nccl'           # DDP backend on CUDA ('gloo' is used on CPU)
