@@ -4,8 +4,9 @@ files (ckpt_packed.pt, pack.py), and the GPT rebuilt from either.
 
 A training checkpoint is a dict: 'model' (the raw state dict, Hugging Face names, no '_orig_mod.' or
 'module.' prefixes), 'model_args' (GPTConfig fields), 'optimizer', 'scaler', 'iter_num',
-'best_val_loss', 'best_iter', 'config' (every train.py setting) and 'tokenizer' (the meta data
-of the dataset, so a checkpoint decodes its own samples). When training keeps a moving average of
+'best_val_loss', 'best_iter', 'config' (every train.py setting), 'tokenizer' (the meta data
+of the dataset, so a checkpoint decodes its own samples) and 'wandb_run_id' (None without wandb;
+a resumed run logs on in that run). When training keeps a moving average of
 the weights (ema_decay), 'model' is the average (what was evaluated, and what sample.py, pack.py
 and export.py use) and 'train_model' the trained weights, which a resumed run continues from.
 It holds no RNG state because training needs none: every random draw (batches, dropout) is a
