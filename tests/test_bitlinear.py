@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitlinear import (BitLinear, BitLinear1b, RMSNorm, TernaryMatmul, bitlinear_report, pack_ternary,
-                       quantize_activation, quantize_activation_1b, quantize_weight, quantize_weight_1b, unpack_2bit,
-                       unpack_ternary, verify_bitlinear)
+from bitlinear import (BitLinear, BitLinear1b, BitLinearConfig, RMSNorm, TernaryMatmul, bitlinear_report,
+                       integer_forward, pack_ternary, quantize_activation, quantize_activation_1b,
+                       quantize_activation_shifted, quantize_weight, quantize_weight_1b, unpack_2bit, unpack_ternary,
+                       verify_bitlinear)
 
 
 # --- b1.58 quantizers against hand-computed values ----------------------------------
@@ -137,8 +138,8 @@ def test_ternary_matmul_one_gradient():
     x, w, g = hand_made()
     _, x_grad, w_grad = forward_backward(ste_reference, x, w, g)
     x_only, w_only = x.clone().requires_grad_(), w.clone().requires_grad_()
-    TernaryMatmul.apply(x_only, w).backward(g)
-    TernaryMatmul.apply(x, w_only).backward(g)
+    TernaryMatmul.apply(x_only, w, BitLinearConfig()).backward(g)
+    TernaryMatmul.apply(x, w_only, BitLinearConfig()).backward(g)
     assert torch.equal(x_only.grad, x_grad) and torch.equal(w_only.grad, w_grad)
 
 
@@ -149,10 +150,10 @@ def test_bitlinear_eager_runs_the_function_compiled_the_ste_form(monkeypatch, dt
     traced graph without generating code (seconds, not a minute)."""
     calls, forward = [], TernaryMatmul.forward
 
-    def counted_forward(ctx, x, w):
+    def counted_forward(ctx, x, w, config):
         assert not torch.compiler.is_compiling(), 'torch.compile traced BitLinear through TernaryMatmul'
         calls.append(1)
-        return forward(ctx, x, w)
+        return forward(ctx, x, w, config)
     monkeypatch.setattr(TernaryMatmul, 'forward', staticmethod(counted_forward))
     x, w, g = random_case()
     ref = forward_backward(ste_reference, x, w, g, dtype)
@@ -193,11 +194,8 @@ def test_b1_activation_hand_values():
     x_q, gamma = quantize_activation_1b(x)          # Q_b = 128, gamma = 1
     assert gamma.item() == 1.0
     assert x_q.tolist() == [[64.0, -128.0, 32.0]]   # -128 clamps to -128 + eps, rounds back
-    x_q4, _ = quantize_activation_1b(x, bit_width=4)  # Q_b = 8
+    x_q4, _ = quantize_activation_1b(x, act_bits=4)  # Q_b = 8
     assert x_q4.tolist() == [[4.0, -8.0, 2.0]]
-    # before a non-linearity: eta = -1, (x - eta) * 128 = [192, 0, 160] -> clamp [eps, 128 - eps]
-    x_qn, _ = quantize_activation_1b(x, before_nonlinear=True)
-    assert x_qn.tolist() == [[128.0, 0.0, 128.0]]
     x_qe, _ = quantize_activation_1b(torch.tensor([[0.5, -1.0]]), eps=0.6)   # clamp at -128 + 0.6
     assert x_qe.tolist() == [[64.0, -127.0]]
 
@@ -210,11 +208,7 @@ def test_b1_layer_output_and_options():
     # x_q = [64, -128]; W_b = [[-1, 1], [1, -1]]; y = x_q @ W_b^T * beta * gamma / Q_b + b
     expected = torch.tensor([[-192.0, 192.0]]) * 2.0 / 128 + layer.bias
     assert torch.allclose(layer(x), expected)
-    assert BitLinear1b(4, 3).bias is not None and BitLinear1b(4, 3, bias=False).bias is None
-    nl = BitLinear1b(2, 2, bias=False, before_nonlinear=True)
-    nl.weight.data = layer.weight.data.clone()
-    # before_nonlinear: x_q = [128, 0] (eta = -1); y = [-128, 128] * 2 / 128
-    assert torch.allclose(nl(x), torch.tensor([[-2.0, 2.0]]))
+    assert BitLinear1b(4, 3).bias is None and BitLinear1b(4, 3, bias=True).bias is not None
 
 
 def test_b1_ste_gradients():
