@@ -46,22 +46,26 @@ gamma is per token, not per tensor: a per-tensor max over (B, T) would let a fut
 magnitude change how a past token is quantized, which breaks causal language modelling.
 
 before_nonlinear (both kinds): the input is quantized over the range it actually spans, per token,
-to unsigned integers, and the shift is added back, so the layer still approximates W_q x:
+to unsigned integers with an integer zero point z (asymmetric quantization), so that 0, most of a
+ReLU's output, stays exact; the shift is added back, so the layer still approximates W_q x:
 
-    eta   = min(x),  L = 2^act_bits - 1 (255 for 8 bits),  s_x = L / max(max(x) - eta, eps)
-    x_int = clamp(round((x - eta) * s_x), 0, L)        an unsigned act_bits-bit integer
-    y     = (x_int @ W_i^T) * (s / s_x) + eta * s * rowsum(W_i) + bias
+    L     = 2^act_bits - 1 (255 for 8 bits),  s_x = L / max(max(x) - min(x), eps)
+    z     = round(-min(x) * s_x)                       an integer, the code of 0
+    x_int = clamp(round(x * s_x) + z, 0, L)            an unsigned act_bits-bit integer
+    y     = (x_int @ W_i^T - z * rowsum(W_i)) * (s / s_x) + bias
 
-with W_i, s the layer's integer weights and scale (W_t, s_w or W_b, beta). x ~= x_int / s_x + eta,
-and W_q applied to eta times a ones vector is eta times each row's sum of W_i: one (out,) vector
-per layer, one multiply-add per output. Shifted values have no sign, so all 2^b codes hold them:
-for a non-negative input (eta = 0) the step max(x) / L is half the symmetric form's, for any input
-(max(x) - eta <= 2 max|x|) it is no coarser. Training uses x_q = x_int / s_x + eta with the
-straight-through estimator, whose identity backward is consistent with a forward that is ~ x.
-The paper's own formula, read literally (x_q = clamp((x - eta) Q_b / gamma, eps, Q_b - eps) with
-gamma = max|x|, and eta never added back), computes W_b (x - eta), not W_b x: on Gaussian input
-its error is about 2.4 times the size of W_b x itself, and about 40% of the entries clip at Q_b. Nothing
-in this repo, and no format it reads or writes, needs that form, so it is not offered.
+with W_i, s the layer's integer weights and scale (W_t, s_w or W_b, beta). x ~= x_int / s_x + eta
+with eta = -z / s_x (min(x), on the grid), and -z * rowsum(W_i) * s / s_x = eta * s * rowsum(W_i)
+is W_q applied to eta times a ones vector: one (out,) vector of row sums per layer, one integer
+multiply-add per output. Shifted values have no sign, so all 2^b codes hold them:
+for a non-negative input (min(x) = 0) the step max(x) / L is about half the symmetric form's, and
+for any input (max(x) - min(x) <= 2 max|x|) about as fine or finer. Training uses
+x_q = (x_int - z) / s_x with the straight-through estimator, whose identity backward is consistent
+with a forward that is ~ x. The paper's own formula, read literally
+(x_q = clamp((x - eta) Q_b / gamma, eps, Q_b - eps) with gamma = max|x|, and eta never added
+back), computes W_b (x - eta), not W_b x: on Gaussian input its error is about 2.4 times the size
+of W_b x itself, and about 40% of the entries clip at Q_b. Nothing in this repo, and no format it
+reads or writes, needs that form, so it is not offered.
 
 Helpers: quantize_weight (int8 ternary tensor + scale), pack_ternary / unpack_ternary
 (the Hugging Face 2-bit layout, see below) and bitlinear_report (a check over a model).
@@ -111,7 +115,7 @@ class BitLinearConfig:
     bias              an additive bias, as nn.Linear has (False: the b1.58 architecture has none)
     before_nonlinear  quantize the input over the range it spans, min(x) .. max(x), to unsigned
                       integers, and add the shift back (module docstring); the paper's variant
-                      for layers whose input follows a ReLU-like non-linearity
+                      for activations at a ReLU-like non-linearity (our GPT: down_proj's input)
     """
     act_bits: int = 8
     eps: float = 1e-5
@@ -150,18 +154,19 @@ class BitLinearBase(nn.Linear):
 
 def quantize_activation_shifted(x, act_bits=8, eps=1e-5):
     """before_nonlinear's quantizer: x float (..., C) -> (x_int integer-valued float32 in
-    [0, 2^act_bits - 1], s_x (..., 1), eta (..., 1)), x ~= x_int / s_x + eta."""
+    [0, 2^act_bits - 1], s_x (..., 1), z (..., 1) integer-valued), x ~= (x_int - z) / s_x."""
     x = x.detach().float()
     levels = 2 ** act_bits - 1
     eta = x.amin(dim=-1, keepdim=True)
     s_x = levels / (x.amax(dim=-1, keepdim=True) - eta).clamp(min=eps)
-    return ((x - eta) * s_x).round().clamp(0, levels), s_x, eta
+    z = (-eta * s_x).round()                                   # the code of 0
+    return ((x * s_x).round() + z).clamp(0, levels), s_x, z
 
 
 def dequantize_shifted(x, act_bits, eps):
-    """x_int / s_x + eta (quantize_activation_shifted), the value before_nonlinear layers multiply."""
-    x_int, s_x, eta = quantize_activation_shifted(x, act_bits, eps)
-    return x_int / s_x + eta
+    """(x_int - z) / s_x (quantize_activation_shifted), the value before_nonlinear layers multiply."""
+    x_int, s_x, z = quantize_activation_shifted(x, act_bits, eps)
+    return (x_int - z) / s_x
 
 
 # -----------------------------------------------------------------------------
@@ -197,7 +202,7 @@ def quantize_activation(x, act_bits=8, eps=1e-5):
 
 def dequantize_activation(x, config):
     """x float32 -> x_q, the activation a b1.58 layer multiplies (no gradient): x_int / s_x, or
-    x_int / s_x + eta before a non-linearity."""
+    (x_int - z) / s_x before a non-linearity."""
     if config.before_nonlinear:
         return dequantize_shifted(x, config.act_bits, config.eps)
     q = 2 ** (config.act_bits - 1) - 1
@@ -297,7 +302,7 @@ def quantize_activation_1b(x, act_bits=8, eps=1e-5):
 
 def dequantize_activation_1b(x, config):
     """x float32 -> the activation a b1 layer multiplies (no gradient): x_q * gamma / Q_b, or
-    x_int / s_x + eta before a non-linearity."""
+    (x_int - z) / s_x before a non-linearity."""
     if config.before_nonlinear:
         return dequantize_shifted(x, config.act_bits, config.eps)
     x_q, gamma = quantize_activation_1b(x, config.act_bits, config.eps)
@@ -380,14 +385,14 @@ def integer_forward(module, x):
     """A BitLinear's output computed from stored integers: the int8 ternary (or binary)
     weight, its scale and the integer activations, with the product taken in float64 (exact
     for these integers) and rescaled in x's dtype: y = (x_int @ W_t^T) * (s_w / s_x), the line
-    packed inference computes; before a non-linearity plus eta * s_w * rowsum(W_t) (module
-    docstring); then the bias."""
+    packed inference computes; before a non-linearity ((x_int @ W_t^T) - z * rowsum(W_t)) * (s_w / s_x)
+    (module docstring); then the bias."""
     if module.norm is not None:
         x = module.norm(x)
     cfg = module.config
     w_q, w_scale = integer_weight(module)
     if cfg.before_nonlinear:
-        x_q, s_x, eta = quantize_activation_shifted(x, cfg.act_bits, cfg.eps)
+        x_q, s_x, z = quantize_activation_shifted(x, cfg.act_bits, cfg.eps)
         scale = w_scale / s_x
     elif isinstance(module, BitLinear1b):
         x_q, gamma = quantize_activation_1b(x, cfg.act_bits, cfg.eps)
@@ -395,10 +400,10 @@ def integer_forward(module, x):
     else:
         x_q, s_x = quantize_activation(x, cfg.act_bits, cfg.eps)
         scale = w_scale / s_x
-    y = (x_q.double() @ w_q.double().t()).to(x.dtype)
-    y = y * scale.to(x.dtype)
-    if cfg.before_nonlinear:   # W_q (eta * ones): eta times each row's sum, (..., 1) * (out,)
-        y = y + (eta * (w_scale * w_q.double().sum(dim=1)).float()).to(x.dtype)
+    y = x_q.double() @ w_q.double().t()
+    if cfg.before_nonlinear:   # W_q applied to eta * ones, eta = -z / s_x: (..., 1) * (out,) row sums
+        y = y - z.double() * w_q.double().sum(dim=1)
+    y = y.to(x.dtype) * scale.to(x.dtype)
     if module.bias is not None:
         y = y + module.bias
     return y

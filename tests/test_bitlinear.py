@@ -277,25 +277,30 @@ def test_bias_option(kind):
 
 def test_before_nonlinear_hand_values():
     x = torch.tensor([[0.5, -1.0, 0.25]])
-    # eta = -1, max - eta = 1.5: s_x = 255 / 1.5 = 170, (x - eta) * s_x = [255, 0, 212.5 -> 212 (tie to even)]
-    x_int, s_x, eta = quantize_activation_shifted(x)
-    assert (x_int.tolist(), s_x.item(), eta.item()) == ([[255.0, 0.0, 212.0]], 170.0, -1.0)
-    assert quantize_activation_shifted(x, act_bits=4)[0].tolist() == [[15.0, 0.0, 12.0]]   # s_x = 10: 12.5 -> 12
+    # max - min = 1.5: s_x = 255 / 1.5 = 170, z = round(1 * 170) = 170;
+    # x * s_x = [85, -170, 42.5 -> 42 (tie to even)], + z = [255, 0, 212]
+    x_int, s_x, z = quantize_activation_shifted(x)
+    assert (x_int.tolist(), s_x.item(), z.item()) == ([[255.0, 0.0, 212.0]], 170.0, 170.0)
+    # 4 bits: s_x = 15 / 1.5 = 10, z = 10, x * s_x = [5, -10, 2.5 -> 2] + z = [15, 0, 12]
+    assert quantize_activation_shifted(x, act_bits=4)[0].tolist() == [[15.0, 0.0, 12.0]]
+    # 0 stays exactly 0: min = -0.3, s_x = 255 / 1.3, z = round(58.85) = 59, the code of 0 is 59
+    zeros, s0, z0 = quantize_activation_shifted(torch.tensor([[0.0, -0.3, 1.0, 0.0]]))
+    assert zeros[0, 0].item() == zeros[0, 3].item() == z0.item() == 59.0 and zeros[0, 1].item() == 0.0
     # b1: W = [[1, 2, -3], [4, 5, 6]]: alpha = 2.5, W_b = [[-1, -1, -1], [1, 1, 1]], beta = 3.5, row sums -3, 3.
-    # x_q = x_int / 170 - 1 = [0.5, -1, 42 / 170]; W_b beta x_q = -+3.5 * (-43 / 170);
-    # as the integer line: x_int @ W_b^T = -+467, * beta / s_x, + eta * beta * row sums = +-10.5
+    # x_q = (x_int - z) / 170 = [0.5, -1, 42 / 170]; W_b beta x_q = -+3.5 * (-43 / 170);
+    # as the integer line: (x_int @ W_b^T - z * row sums) * beta / s_x = (-+467 +- 510) * 3.5 / 170
     b1 = BitLinear1b(3, 2, before_nonlinear=True)
     b1.weight.data = torch.tensor([[1.0, 2.0, -3.0], [4.0, 5.0, 6.0]])
-    assert -467 * 3.5 / 170 + 10.5 == pytest.approx(150.5 / 170)
+    assert (-467 + 510) * 3.5 / 170 == pytest.approx(150.5 / 170)
     for y in (b1(x), integer_forward(b1, x)):
         torch.testing.assert_close(y, torch.tensor([[150.5 / 170, -150.5 / 170]]))
-    # b1.58, 4 bits: W_t = [[1, 0, -1], [1, 1, 0]], s_w = 2/3, row sums 0, 2; x_q = [15, 0, 12] / 10 - 1
-    # = [0.5, -1, 0.2]: W_t s_w x_q = [0.3, -0.5] * 2/3; integer line: [3, 15] * s_w / 10 - [0, 2] * s_w
+    # b1.58, 4 bits: W_t = [[1, 0, -1], [1, 1, 0]], s_w = 2/3, row sums 0, 2; x_q = ([15, 0, 12] - 10) / 10
+    # = [0.5, -1, 0.2]: W_t s_w x_q = [0.3, -0.5] * 2/3; integer line: ([3, 15] - 10 * [0, 2]) * s_w / 10
     t = BitLinear(3, 2, act_bits=4, before_nonlinear=True)
     t.weight.data = torch.tensor([[1.0, 0.0, -1.0], [1.0, 1.0, 0.0]])
     for y in (t(x), integer_forward(t, x)):
         torch.testing.assert_close(y, torch.tensor([[0.2, -1 / 3]]))
-    # a constant token: max - eta = 0 (clamped to eps), x_int = 0, the output is eta's term alone, exact
+    # a constant token: max - min = 0 (clamped to eps), x_int = 0, the output is the shift's term alone
     c = torch.full((1, 3), 2.0)
     assert quantize_activation_shifted(c)[0].tolist() == [[0.0, 0.0, 0.0]]
     torch.testing.assert_close(t(c), torch.tensor([[0.0, 2 * 2 * 2 / 3]]))
