@@ -201,8 +201,8 @@ def quantize_activation(x, act_bits=8, eps=1e-5):
 
 
 def dequantize_activation(x, config):
-    """x float32 -> x_q, the activation a b1.58 layer multiplies (no gradient): x_int / s_x, or
-    (x_int - z) / s_x before a non-linearity."""
+    """x float32 -> x_q, the activation a b1.58 layer multiplies (taken without its gradient, by ste
+    or TernaryMatmul): x_int / s_x, or (x_int - z) / s_x before a non-linearity."""
     if config.before_nonlinear:
         return dequantize_shifted(x, config.act_bits, config.eps)
     q = 2 ** (config.act_bits - 1) - 1
@@ -301,8 +301,8 @@ def quantize_activation_1b(x, act_bits=8, eps=1e-5):
 
 
 def dequantize_activation_1b(x, config):
-    """x float32 -> the activation a b1 layer multiplies (no gradient): x_q * gamma / Q_b, or
-    (x_int - z) / s_x before a non-linearity."""
+    """x float32 -> the activation a b1 layer multiplies (taken without its gradient, by ste):
+    x_q * gamma / Q_b, or (x_int - z) / s_x before a non-linearity."""
     if config.before_nonlinear:
         return dequantize_shifted(x, config.act_bits, config.eps)
     x_q, gamma = quantize_activation_1b(x, config.act_bits, config.eps)
