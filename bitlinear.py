@@ -1,15 +1,21 @@
 """
 BitLinear layers: drop-in replacements for nn.Linear with ternary (1.58-bit) or binary
-(1-bit) weights and 8-bit activations, trained with the straight-through estimator.
+(1-bit) weights and low-bit activations, trained with the straight-through estimator.
+
+Both kinds take the same options, BitLinearConfig, under the names the other BitNet ports use:
+act_bits (8), eps (1e-5), bias (False) and before_nonlinear (False); see its docstring.
 
 BitNet b1.58 (arXiv 2402.17764, and the "Training Tips, Code and FAQ" note). Training keeps
-a latent float weight W (out, in). Every forward:
+a latent float weight W (out, in). Every forward, with Q = 2^(act_bits - 1) - 1 (127 for 8 bits):
 
-    s_w   = max(mean(|W|), 1e-5)                       one scale per weight tensor
+    s_w   = max(mean(|W|), eps)                        one scale per weight tensor
     W_t   = clamp(round(W / s_w), -1, 1)               in {-1, 0, +1}
-    s_x   = 127 / max(max(|x|), 1e-5)                  one scale per token (last dim)
-    x_int = clamp(round(x * s_x), -128, 127)           int8
+    s_x   = Q / max(max(|x|), eps)                     one scale per token (last dim)
+    x_int = clamp(round(x * s_x), -Q - 1, Q)           a signed act_bits-bit integer (int8 for 8 bits)
     y     = (x_int @ W_t^T) * (s_w / s_x)
+
+x * s_x lies in [-Q, Q], so the clamp never reaches -Q - 1: it is the range of the integer type
+(-128..127 for 8 bits, as in the FAQ's code and transformers), a guard that changes no value.
 
 That last line is the reference's "inference with stored integers" (packed.py runs it).
 Training computes it in the dequantized form of the FAQ's code, y = x_q @ W_q^T with
@@ -27,18 +33,39 @@ operations; under torch.compile it uses the straight-through form, which Inducto
 
 BitNet b1 (arXiv 2310.11453), the original 1-bit layer:
 
-    alpha = mean(W),  W_b = sign(W - alpha) in {-1, +1} (sign(0) = -1),  beta = mean(|W|)
-    Q_b   = 2^(bit_width - 1),  gamma = max(max(|x|), eps)  per token
+    alpha = mean(W),  W_b = sign(W - alpha) in {-1, +1} (sign(0) = -1),  beta = max(mean(|W|), eps)
+    Q_b   = 2^(act_bits - 1),  gamma = max(max(|x|), eps)  per token
     x_q   = round(clamp(x * Q_b / gamma, -Q_b + eps, Q_b - eps))
-            before_nonlinear: eta = min(x) per token,
-            x_q = round(clamp((x - eta) * Q_b / gamma, eps, Q_b - eps))
     y     = (x_q @ W_b^T) * (beta * gamma / Q_b) + bias
 
-The paper's formula has no rounding step; without one bit_width would do nothing, so we
+The paper's formula has no rounding step; without one act_bits would do nothing, so we
 round (with the straight-through estimator). Training computes y in the dequantized form too,
-(x_q * gamma / Q_b) @ (W_b * beta)^T + bias. Its range [-Q_b, Q_b] holds 2^b + 1 integers.
+(x_q * gamma / Q_b) @ (W_b * beta)^T + bias. Its range [-Q_b, Q_b] holds 2^b + 1 integers (the
+paper's Q_b; b1.58 uses the b-bit integer range instead).
 gamma is per token, not per tensor: a per-tensor max over (B, T) would let a future token's
 magnitude change how a past token is quantized, which breaks causal language modelling.
+
+before_nonlinear (both kinds): the input is quantized over the range it actually spans, per token,
+to unsigned integers with an integer zero point z (asymmetric quantization), so that 0, most of a
+ReLU's output, stays exact; the shift is added back, so the layer still approximates W_q x:
+
+    L     = 2^act_bits - 1 (255 for 8 bits),  s_x = L / max(max(x) - min(x), eps)
+    z     = round(-min(x) * s_x)                       an integer, the code of 0
+    x_int = clamp(round(x * s_x) + z, 0, L)            an unsigned act_bits-bit integer
+    y     = (x_int @ W_i^T - z * rowsum(W_i)) * (s / s_x) + bias
+
+with W_i, s the layer's integer weights and scale (W_t, s_w or W_b, beta). x ~= x_int / s_x + eta
+with eta = -z / s_x (min(x), on the grid), and -z * rowsum(W_i) * s / s_x = eta * s * rowsum(W_i)
+is W_q applied to eta times a ones vector: one (out,) vector of row sums per layer, one integer
+multiply-add per output. Shifted values have no sign, so all 2^b codes hold them:
+for a non-negative input (min(x) = 0) the step max(x) / L is about half the symmetric form's, and
+for any input (max(x) - min(x) <= 2 max|x|) about as fine or finer. Training uses
+x_q = (x_int - z) / s_x with the straight-through estimator, whose identity backward is consistent
+with a forward that is ~ x. The paper's own formula, read literally
+(x_q = clamp((x - eta) Q_b / gamma, eps, Q_b - eps) with gamma = max|x|, and eta never added
+back), computes W_b (x - eta), not W_b x: on Gaussian input its error is about 2.4 times the size
+of W_b x itself, and about 40% of the entries clip at Q_b. Nothing in this repo, and no format it
+reads or writes, needs that form, so it is not offered.
 
 Helpers: quantize_weight (int8 ternary tensor + scale), pack_ternary / unpack_ternary
 (the Hugging Face 2-bit layout, see below) and bitlinear_report (a check over a model).
@@ -46,6 +73,7 @@ Helpers: quantize_weight (int8 ternary tensor + scale), pack_ternary / unpack_te
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -73,64 +101,136 @@ def ste(x, x_quantized):
 
 
 # -----------------------------------------------------------------------------
-# b1.58: ternary weights, 8-bit activations
+# The options of a layer, shared by both kinds
 
-def weight_scale(w):
-    """s_w = mean(|W|), one scalar per tensor, clamped to >= 1e-5."""
-    return w.abs().mean().clamp(min=1e-5)
+@dataclass(frozen=True)
+class BitLinearConfig:
+    """The options of a BitLinear / BitLinear1b layer (the names the other BitNet ports use).
+
+    act_bits          bits per activation, 2..8 (default 8: W1.58A8, as b1.58 and 2B4T;
+                      4 gives W1.58A4). b1.58 quantizes to [-Q - 1, Q], Q = 2^(act_bits - 1) - 1;
+                      b1 to the paper's [-Q_b, Q_b], Q_b = 2^(act_bits - 1)
+    eps               the floor of the scales' denominators (1e-5): max|x| (per token), mean|W|,
+                      and for b1 the margin of the clamp (-Q_b + eps, Q_b - eps), as in the paper
+    bias              an additive bias, as nn.Linear has (False: the b1.58 architecture has none)
+    before_nonlinear  quantize the input over the range it spans, min(x) .. max(x), to unsigned
+                      integers, and add the shift back (module docstring); the paper's variant
+                      for activations at a ReLU-like non-linearity (our GPT: down_proj's input)
+    """
+    act_bits: int = 8
+    eps: float = 1e-5
+    bias: bool = False
+    before_nonlinear: bool = False
+
+    def __post_init__(self):
+        if not (isinstance(self.act_bits, int) and 2 <= self.act_bits <= 8):
+            raise ValueError(f"act_bits must be an integer from 2 to 8, got {self.act_bits!r}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be positive, got {self.eps!r}")
 
 
-def quantize_weight(w):
+class BitLinearBase(nn.Linear):
+    """What both layer kinds share: the constructor and the options. Called as nn.Linear is,
+    BitLinear(in, out, bias=None, device=None, dtype=None), plus config= (a BitLinearConfig,
+    default BitLinearConfig()) and keyword overrides of its fields (act_bits=4, ...); bias=None
+    takes config.bias. rms_norm=True puts an RMSNorm (learned weight) in front of the quantizer,
+    the b1.58 FAQ's recipe for dropping the layer into any model (the 1-bit paper puts a LayerNorm
+    there). Our GPT keeps explicit SubLN norms instead (attn_sub_norm, ffn_sub_norm), so it leaves
+    this off."""
+
+    def __init__(self, in_features, out_features, bias=None, device=None, dtype=None, *,
+                 config=None, rms_norm=False, norm_eps=1e-5, **options):
+        if bias is not None:
+            options['bias'] = bias
+        config = replace(config or BitLinearConfig(), **options)
+        super().__init__(in_features, out_features, bias=config.bias, device=device, dtype=dtype)
+        self.config = config
+        self.norm = RMSNorm(in_features, eps=norm_eps).to(device=device, dtype=dtype) if rms_norm else None
+
+    def extra_repr(self):
+        c = self.config
+        return super().extra_repr() + f", act_bits={c.act_bits}, eps={c.eps}, before_nonlinear={c.before_nonlinear}"
+
+
+def quantize_activation_shifted(x, act_bits=8, eps=1e-5):
+    """before_nonlinear's quantizer: x float (..., C) -> (x_int integer-valued float32 in
+    [0, 2^act_bits - 1], s_x (..., 1), z (..., 1) integer-valued), x ~= (x_int - z) / s_x."""
+    x = x.detach().float()
+    levels = 2 ** act_bits - 1
+    eta = x.amin(dim=-1, keepdim=True)
+    s_x = levels / (x.amax(dim=-1, keepdim=True) - eta).clamp(min=eps)
+    z = (-eta * s_x).round()                                   # the code of 0
+    return ((x * s_x).round() + z).clamp(0, levels), s_x, z
+
+
+def dequantize_shifted(x, act_bits, eps):
+    """(x_int - z) / s_x (quantize_activation_shifted), the value before_nonlinear layers multiply."""
+    x_int, s_x, z = quantize_activation_shifted(x, act_bits, eps)
+    return (x_int - z) / s_x
+
+
+# -----------------------------------------------------------------------------
+# b1.58: ternary weights, act_bits-bit (8) activations
+
+def weight_scale(w, eps=1e-5):
+    """s_w = mean(|W|), one scalar per tensor, clamped to >= eps."""
+    return w.abs().mean().clamp(min=eps)
+
+
+def quantize_weight(w, eps=1e-5):
     """W (out, in) float -> (W_t int8 in {-1, 0, 1}, s_w float32 scalar), W ~= W_t * s_w."""
     w = w.detach().float()
-    s_w = weight_scale(w)
+    s_w = weight_scale(w, eps)
     w_t = (w / s_w).round().clamp(-1, 1)
     return w_t.to(torch.int8), s_w
 
 
-def activation_scale(x):
-    """s_x = 127 / max|x| per token (last dim), shape (..., 1); max|x| clamped to >= 1e-5."""
-    return 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+def activation_scale(x, act_bits=8, eps=1e-5):
+    """s_x = Q / max|x| per token (last dim), Q = 2^(act_bits - 1) - 1 (127), shape (..., 1);
+    max|x| clamped to >= eps."""
+    return (2 ** (act_bits - 1) - 1) / x.abs().amax(dim=-1, keepdim=True).clamp(min=eps)
 
 
-def quantize_activation(x):
-    """x float (..., C) -> (x_int int8, s_x float32 (..., 1)), x ~= x_int / s_x."""
+def quantize_activation(x, act_bits=8, eps=1e-5):
+    """x float (..., C) -> (x_int int8 in [-Q - 1, Q], s_x float32 (..., 1)), x ~= x_int / s_x."""
     x = x.detach().float()
-    s_x = activation_scale(x)
-    x_int = (x * s_x).round().clamp(-128, 127)
+    q = 2 ** (act_bits - 1) - 1
+    s_x = activation_scale(x, act_bits, eps)
+    x_int = (x * s_x).round().clamp(-q - 1, q)
     return x_int.to(torch.int8), s_x
 
 
-class BitLinear(nn.Linear):
-    """BitNet b1.58 linear layer: ternary weights, per-token int8 activations.
+def dequantize_activation(x, config):
+    """x float32 -> x_q, the activation a b1.58 layer multiplies (taken without its gradient, by ste
+    or TernaryMatmul): x_int / s_x, or (x_int - z) / s_x before a non-linearity."""
+    if config.before_nonlinear:
+        return dequantize_shifted(x, config.act_bits, config.eps)
+    q = 2 ** (config.act_bits - 1) - 1
+    s_x = activation_scale(x, config.act_bits, config.eps)                # (..., 1)
+    return (x * s_x).round().clamp(-q - 1, q) / s_x
 
-    rms_norm=True puts an RMSNorm (learned weight) in front of the quantizer, the FAQ's
-    recipe for dropping the layer into any model. Our GPT keeps explicit SubLN norms
-    instead (attn_sub_norm, ffn_sub_norm), so it leaves this off.
-    """
 
-    def __init__(self, in_features, out_features, bias=False, rms_norm=False, norm_eps=1e-5):
-        super().__init__(in_features, out_features, bias=bias)
-        self.norm = RMSNorm(in_features, eps=norm_eps) if rms_norm else None
+class BitLinear(BitLinearBase):
+    """BitNet b1.58 linear layer: ternary weights, per-token act_bits-bit (int8) activations.
+    Options: BitLinearConfig (see BitLinearBase for the constructor)."""
 
     def forward(self, x):
         if self.norm is not None:
             x = self.norm(x)
         if torch.compiler.is_compiling():
-            y = ternary_matmul_ste(x, self.weight)
+            y = ternary_matmul_ste(x, self.weight, self.config)
         else:
-            y = TernaryMatmul.apply(x, self.weight)
+            y = TernaryMatmul.apply(x, self.weight, self.config)
         if self.bias is not None:
             y = y + self.bias
         return y
 
 
-def ternary_matmul_ste(x, w):
+def ternary_matmul_ste(x, w, config):
     """y = x_q @ W_q^T in the straight-through form, for torch.compile."""
     x = x.float()  # quantize in fp32 whatever autocast does around us
-    s_x = activation_scale(x).detach()                            # (..., 1)
-    x_q = ste(x, (x * s_x).round().clamp(-128, 127) / s_x)        # x_int / s_x, identity gradient
-    s_w = weight_scale(w).detach()                                # scalar
+    x_q = ste(x, dequantize_activation(x, config))                # x_int / s_x, identity gradient
+    s_w = weight_scale(w, config.eps).detach()                    # scalar
     w_q = ste(w, (w / s_w).round().clamp(-1, 1) * s_w)            # W_t * s_w, identity gradient
     return F.linear(x_q, w_q)
 
@@ -149,14 +249,13 @@ class TernaryMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w):
+    def forward(ctx, x, w, config):
         ctx.x_dtype = x.dtype
         x = x.float()  # quantize in fp32 whatever autocast does around us
         dev = x.device.type
         mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
-        s_x = activation_scale(x)                                           # (..., 1)
-        x_q = (x * s_x).round_().clamp_(-128, 127).div_(s_x).to(mm_dtype)     # x_int / s_x
-        s_w = weight_scale(w)                                               # scalar
+        x_q = dequantize_activation(x, config).to(mm_dtype)                 # x_int / s_x
+        s_w = weight_scale(w, config.eps)                                   # scalar
         w_q = (w / s_w).round_().clamp_(-1, 1).mul_(s_w).to(mm_dtype)         # W_t * s_w
         ctx.save_for_backward(x_q, w_q)
         return F.linear(x_q, w_q)
@@ -169,41 +268,23 @@ class TernaryMatmul(torch.autograd.Function):
             grad_x = (grad_y @ w_q).float().to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:   # (out, N) @ (N, in), the product autograd's mm backward takes
             grad_w = (grad_y.reshape(-1, grad_y.size(-1)).t() @ x_q.reshape(-1, x_q.size(-1))).float()
-        return grad_x, grad_w
+        return grad_x, grad_w, None
 
 
 # -----------------------------------------------------------------------------
 # b1: the original binary BitNet
 
-class BitLinear1b(nn.Linear):
-    """Original BitNet linear layer: binary weights, absmax bit_width-bit activations.
-
-    Options follow the other ports: bit_width (8), eps (1e-5), bias (True) and
-    before_nonlinear (False: symmetric range; True: subtract the per-token minimum and
-    scale to [0, Q_b], for activations that feed a ReLU-like non-linearity).
-    rms_norm=True adds the paper's normalization in front (SubLN), as in BitLinear.
-    """
-
-    def __init__(self, in_features, out_features, bias=True, bit_width=8, eps=1e-5,
-                 before_nonlinear=False, rms_norm=False, norm_eps=1e-5):
-        super().__init__(in_features, out_features, bias=bias)
-        self.bit_width = bit_width
-        self.eps = eps
-        self.before_nonlinear = before_nonlinear
-        self.norm = RMSNorm(in_features, eps=norm_eps) if rms_norm else None
-
-    def extra_repr(self):
-        return (super().extra_repr() + f", bit_width={self.bit_width}, eps={self.eps}, "
-                f"before_nonlinear={self.before_nonlinear}")
+class BitLinear1b(BitLinearBase):
+    """Original BitNet linear layer: binary weights, absmax act_bits-bit activations.
+    Options: BitLinearConfig (see BitLinearBase for the constructor)."""
 
     def forward(self, x):
         if self.norm is not None:
             x = self.norm(x)
         x = x.float()
-        u, gamma, lo, hi = scale_activation_1b(x, self.bit_width, self.eps, self.before_nonlinear)
-        x_q = ste(x, u.clamp(lo, hi).round() * (gamma / 2 ** (self.bit_width - 1)))  # x_q * gamma / Q_b
+        x_q = ste(x, dequantize_activation_1b(x, self.config))   # x_q * gamma / Q_b, identity gradient
         w = self.weight
-        beta = w.abs().mean().clamp(min=self.eps).detach()
+        beta = w.abs().mean().clamp(min=self.config.eps).detach()
         w_b = torch.where(w - w.mean().detach() > 0, 1.0, -1.0)  # sign(W - alpha), sign(0) = -1
         y = F.linear(x_q, ste(w, w_b * beta))                   # dequantized, as for b1.58
         if self.bias is not None:
@@ -211,21 +292,21 @@ class BitLinear1b(nn.Linear):
         return y
 
 
-def scale_activation_1b(x, bit_width, eps, before_nonlinear):
-    """The b1 activation before rounding: (u, gamma, lo, hi) with u = x * Q_b / gamma, or
-    (x - eta) * Q_b / gamma before a non-linearity; x_q = round(clamp(u, lo, hi))."""
-    q_b = 2 ** (bit_width - 1)
-    gamma = x.abs().amax(dim=-1, keepdim=True).clamp(min=eps).detach()   # (..., 1)
-    if before_nonlinear:
-        eta = x.amin(dim=-1, keepdim=True).detach()
-        return (x - eta) * (q_b / gamma), gamma, eps, q_b - eps
-    return x * (q_b / gamma), gamma, -q_b + eps, q_b - eps
+def quantize_activation_1b(x, act_bits=8, eps=1e-5):
+    """x float -> (x_q integer-valued float32 in [-Q_b, Q_b], gamma (..., 1)), x ~= x_q * gamma / Q_b."""
+    x = x.detach().float()
+    q_b = 2 ** (act_bits - 1)
+    gamma = x.abs().amax(dim=-1, keepdim=True).clamp(min=eps)   # (..., 1)
+    return (x * (q_b / gamma)).clamp(-q_b + eps, q_b - eps).round(), gamma
 
 
-def quantize_activation_1b(x, bit_width=8, eps=1e-5, before_nonlinear=False):
-    """x float -> (x_q integer-valued float32, gamma (..., 1)), x ~= x_q * gamma / Q_b (+ eta)."""
-    u, gamma, lo, hi = scale_activation_1b(x.detach().float(), bit_width, eps, before_nonlinear)
-    return u.clamp(lo, hi).round(), gamma
+def dequantize_activation_1b(x, config):
+    """x float32 -> the activation a b1 layer multiplies (taken without its gradient, by ste):
+    x_q * gamma / Q_b, or (x_int - z) / s_x before a non-linearity."""
+    if config.before_nonlinear:
+        return dequantize_shifted(x, config.act_bits, config.eps)
+    x_q, gamma = quantize_activation_1b(x, config.act_bits, config.eps)
+    return x_q * (gamma / 2 ** (config.act_bits - 1))
 
 
 def quantize_weight_1b(w, eps=1e-5):
@@ -269,7 +350,13 @@ def unpack_ternary(packed, out_features):
 
 def bitlinear_layers(model):
     """[(name, module)] for every BitLinear / BitLinear1b in the model, in order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (BitLinear, BitLinear1b))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BitLinearBase)]
+
+
+def integer_weight(module):
+    """(W_i int8 (out, in), scale float32 scalar) of a layer: (W_t, s_w) for b1.58, (W_b, beta) for b1."""
+    quantize = quantize_weight_1b if isinstance(module, BitLinear1b) else quantize_weight
+    return quantize(module.weight, module.config.eps)
 
 
 def bitlinear_report(model):
@@ -278,7 +365,7 @@ def bitlinear_report(model):
     rows = []
     for name, m in bitlinear_layers(model):
         binary = isinstance(m, BitLinear1b)
-        w_q, scale = quantize_weight_1b(m.weight, m.eps) if binary else quantize_weight(m.weight)
+        w_q, scale = integer_weight(m)
         allowed = torch.tensor([-1, 1] if binary else [-1, 0, 1], dtype=torch.int8)
         finite = bool(torch.isfinite(m.weight).all()) and math.isfinite(scale.item()) and scale.item() > 0
         exact = finite and bool(torch.isin(w_q.cpu(), allowed).all())
@@ -298,21 +385,25 @@ def integer_forward(module, x):
     """A BitLinear's output computed from stored integers: the int8 ternary (or binary)
     weight, its scale and the integer activations, with the product taken in float64 (exact
     for these integers) and rescaled in x's dtype: y = (x_int @ W_t^T) * (s_w / s_x), the line
-    packed inference computes."""
-    if isinstance(module, BitLinear1b):
-        if module.norm is not None:
-            x = module.norm(x)
-        w_q, beta = quantize_weight_1b(module.weight, module.eps)
-        x_q, gamma = quantize_activation_1b(x, module.bit_width, module.eps, module.before_nonlinear)
-        scale = beta * gamma / 2 ** (module.bit_width - 1)
+    packed inference computes; before a non-linearity ((x_int @ W_t^T) - z * rowsum(W_t)) * (s_w / s_x)
+    (module docstring); then the bias."""
+    if module.norm is not None:
+        x = module.norm(x)
+    cfg = module.config
+    w_q, w_scale = integer_weight(module)
+    if cfg.before_nonlinear:
+        x_q, s_x, z = quantize_activation_shifted(x, cfg.act_bits, cfg.eps)
+        scale = w_scale / s_x
+    elif isinstance(module, BitLinear1b):
+        x_q, gamma = quantize_activation_1b(x, cfg.act_bits, cfg.eps)
+        scale = w_scale * gamma / 2 ** (cfg.act_bits - 1)
     else:
-        if module.norm is not None:
-            x = module.norm(x)
-        w_q, s_w = quantize_weight(module.weight)
-        x_q, s_x = quantize_activation(x)
-        scale = s_w / s_x
-    y = (x_q.double() @ w_q.double().t()).to(x.dtype)
-    y = y * scale.to(x.dtype)
+        x_q, s_x = quantize_activation(x, cfg.act_bits, cfg.eps)
+        scale = w_scale / s_x
+    y = x_q.double() @ w_q.double().t()
+    if cfg.before_nonlinear:   # W_q applied to eta * ones, eta = -z / s_x: (..., 1) * (out,) row sums
+        y = y - z.double() * w_q.double().sum(dim=1)
+    y = y.to(x.dtype) * scale.to(x.dtype)
     if module.bias is not None:
         y = y + module.bias
     return y

@@ -84,6 +84,10 @@ def hf_config(model_args, variant, dtype, meta):
     if cfg.quant == 'b1':
         raise HFError("a b1 (binary) model cannot be exported: transformers' BitNet format holds ternary "
                       "(b1.58) or float weights only")
+    options = cfg.nonstandard_options()
+    if options:
+        raise HFError(f"a model with {options} cannot be exported: transformers' BitNet layers compute "
+                      f"8-bit symmetric activations without a bias (sample.py samples from the checkpoint itself)")
     if variant == 'packed' and cfg.quant != 'b1.58':
         raise HFError("a float model (quant='none') has no ternary weights to pack: export it with --variant=master")
     eot = GPT2_EOT if meta and meta.get('tokenizer') == 'gpt2' else None

@@ -9,9 +9,11 @@ A minimal GPT whose projections are BitLinear layers, in the layout of BitNet b1
 - gated squared-ReLU MLP: down_proj(ffn_sub_norm(relu(gate_proj(x))^2 * up_proj(x)))
 - SubLN: the sub-norms sit in front of o_proj and down_proj, the block's own pre-norms in
   front of the other projections, so every BitLinear sees normalized input
-- no biases; a final RMSNorm; lm_head and the embedding stay full precision, optionally tied
+- no biases (bias=True gives the 7 projections one); a final RMSNorm; lm_head and the embedding
+  stay full precision, optionally tied
 - quant selects the 7 projections of every block: 'b1.58' BitLinear (ternary),
-  'b1' BitLinear1b (binary), 'none' nn.Linear (the float baseline, identical otherwise)
+  'b1' BitLinear1b (binary), 'none' nn.Linear (the float baseline, identical otherwise);
+  act_bits sets their activations' bits (8), before_nonlinear the down projection's quantizer
 
 Module names are the Hugging Face state-dict names (model.embed_tokens, model.layers.N.
 self_attn.q_proj, ..., model.norm, lm_head), so export is a rename of nothing.
@@ -25,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitlinear import BitLinear, BitLinear1b, RMSNorm
+from bitlinear import BitLinear, BitLinear1b, BitLinearConfig, RMSNorm
 
 QUANT_MODES = ('b1.58', 'b1', 'none')
 PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')  # a block's linears
@@ -55,6 +57,9 @@ class GPTConfig:
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    act_bits: int = 8               # bits per activation of the BitLinear projections (2..8)
+    bias: bool = False              # a bias in every projection (the b1.58 architecture has none)
+    before_nonlinear: bool = False  # down_proj quantizes its input over min(x)..max(x) (bitlinear.py)
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -63,18 +68,33 @@ class GPTConfig:
             self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.quant not in QUANT_MODES:
             raise ValueError(f"quant must be one of {QUANT_MODES}, got {self.quant!r}")
+        if self.quant == 'none' and (self.act_bits != 8 or self.before_nonlinear):
+            raise ValueError("act_bits and before_nonlinear set the BitLinear layers' quantizer: "
+                             "quant='none' has none (use quant='b1.58' or 'b1')")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) "
                              f"and n_head by n_kv_head ({self.n_kv_head})")
 
+    def nonstandard_options(self):
+        """The projection options set away from BitNet b1.58's (8-bit symmetric activations, no
+        bias) as text, e.g. 'act_bits=4, bias=True' ('' for none): what the packed and the
+        transformers formats cannot hold."""
+        return ', '.join(text for text, on in ((f'act_bits={self.act_bits}', self.act_bits != 8),
+                                               ('bias=True', self.bias),
+                                               ('before_nonlinear=True', self.before_nonlinear)) if on)
 
-def make_linear(config, in_features, out_features):
-    """The projection layer for config.quant (never a bias: the b1.58 architecture has none)."""
+
+def make_linear(config, in_features, out_features, follows_nonlinearity=False):
+    """The projection layer for config.quant, with config's act_bits and bias. follows_nonlinearity:
+    the layer's input comes out of a non-linearity (down_proj's: relu(gate)^2 * up, sub-normed),
+    so config.before_nonlinear applies to it."""
+    options = BitLinearConfig(act_bits=config.act_bits, bias=config.bias,
+                              before_nonlinear=follows_nonlinearity and config.before_nonlinear)
     if config.quant == 'b1.58':
-        return BitLinear(in_features, out_features, bias=False)
+        return BitLinear(in_features, out_features, config=options)
     if config.quant == 'b1':
-        return BitLinear1b(in_features, out_features, bias=False)
-    return nn.Linear(in_features, out_features, bias=False)
+        return BitLinear1b(in_features, out_features, config=options)
+    return nn.Linear(in_features, out_features, bias=config.bias)
 
 
 def rotary_tables(head_dim, max_positions, theta):
@@ -176,7 +196,7 @@ class MLP(nn.Module):
         self.gate_proj = make_linear(config, config.n_embd, config.intermediate_size)
         self.up_proj = make_linear(config, config.n_embd, config.intermediate_size)
         self.ffn_sub_norm = RMSNorm(config.intermediate_size, eps=config.norm_eps)
-        self.down_proj = make_linear(config, config.intermediate_size, config.n_embd)
+        self.down_proj = make_linear(config, config.intermediate_size, config.n_embd, follows_nonlinearity=True)
 
     def forward(self, x):
         h = F.relu(self.gate_proj(x)).square() * self.up_proj(x)   # squared ReLU, gated
@@ -222,13 +242,15 @@ class GPT(nn.Module):
     def init_weights(self):
         """Every initialization in one place: GPT-2's N(0, 0.02) for the projections and the
         embedding, N(0, 0.02 / sqrt(2 * n_layer)) for the two projections that write into the
-        residual stream (o_proj, down_proj), ones for the norm weights.
+        residual stream (o_proj, down_proj), ones for the norm weights, zeros for the biases (bias=True).
         A BitLinear divides its latent weight by mean|W|, so this scale sets how far one
         optimizer step moves a weight relative to the rounding boundaries, not the forward."""
         std = 0.02
         for name, p in self.named_parameters():
             if name.endswith('norm.weight'):
                 nn.init.ones_(p)
+            elif name.endswith('.bias'):
+                nn.init.zeros_(p)
             elif name.endswith(('o_proj.weight', 'down_proj.weight')):
                 nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
             else:

@@ -40,7 +40,10 @@ if is_packed(model):
     fail(f"{src} is already packed")
 if model.config.quant != 'b1.58':
     fail(f"{src} has quant='{model.config.quant}': only b1.58 (ternary) models pack into 2-bit weights")
-pack_model(model)
+try:
+    pack_model(model)
+except ValueError as e:   # options the packed format cannot hold
+    fail(f"{src}: {e}")
 save_packed(model, dst, tokenizer=checkpoint.get('tokenizer'), dtype=getattr(torch, dtype))
 n = sum(m.packed.numel() for m in model.modules() if hasattr(m, 'row_scale')) * 4
 print(f"wrote {dst}: {os.path.getsize(dst) / 1e6:.2f} MB (training checkpoint {os.path.getsize(src) / 1e6:.2f} MB), "

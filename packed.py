@@ -115,6 +115,10 @@ def pack_model(model, weights=None):
     latent weight is quantized. The latent weights are released."""
     if model.config.quant != 'b1.58':
         raise ValueError(f"only b1.58 models pack into ternary weights (this one is quant='{model.config.quant}')")
+    options = model.config.nonstandard_options()
+    if options:
+        raise ValueError(f"a model with {options} cannot be packed: packed layers compute 8-bit symmetric "
+                         f"activations without a bias (sample.py samples from the training checkpoint itself)")
     for i, block in enumerate(model.model.layers):
         if isinstance(block, PackedBlock):
             continue

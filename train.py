@@ -58,6 +58,9 @@ n_embd = 384
 intermediate_size = None   # MLP width; None: 8/3 * n_embd, rounded up to 64
 dropout = 0.2
 quant = 'b1.58'            # 'b1.58' (ternary), 'b1' (binary) or 'none' (float baseline)
+act_bits = 8               # bits per activation of the BitLinear layers, 2..8 (4: a W1.58A4 model)
+bias = False               # a bias in every projection (pack.py and export.py refuse it)
+before_nonlinear = False   # down_proj quantizes its input over min..max and adds the shift back (bitlinear.py)
 tie_embeddings = False
 rope_theta = 10000.0
 # AdamW
@@ -195,7 +198,8 @@ def get_batch(split, purpose, *key):
 # model ---------------------------------------------------------------------------
 model_args = dict(block_size=block_size, vocab_size=meta['vocab_size'], n_layer=n_layer, n_head=n_head,
                   n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size, dropout=dropout,
-                  quant=quant, tie_embeddings=tie_embeddings, rope_theta=rope_theta)
+                  quant=quant, tie_embeddings=tie_embeddings, rope_theta=rope_theta, act_bits=act_bits, bias=bias,
+                  before_nonlinear=before_nonlinear)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 iter_num, best_val_loss, best_iter = 0, float('inf'), 0
 wandb_run_id = None  # a resumed run logs on in the wandb run its checkpoint names

@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitlinear import (BitLinear, BitLinear1b, RMSNorm, TernaryMatmul, bitlinear_report, pack_ternary,
-                       quantize_activation, quantize_activation_1b, quantize_weight, quantize_weight_1b, unpack_2bit,
-                       unpack_ternary, verify_bitlinear)
+from bitlinear import (BitLinear, BitLinear1b, BitLinearConfig, RMSNorm, TernaryMatmul, bitlinear_report,
+                       integer_forward, integer_weight, pack_ternary, quantize_activation, quantize_activation_1b,
+                       quantize_activation_shifted, quantize_weight, quantize_weight_1b, ternary_matmul_ste,
+                       unpack_2bit, unpack_ternary, verify_bitlinear)
 
 
 # --- b1.58 quantizers against hand-computed values ----------------------------------
@@ -137,8 +138,8 @@ def test_ternary_matmul_one_gradient():
     x, w, g = hand_made()
     _, x_grad, w_grad = forward_backward(ste_reference, x, w, g)
     x_only, w_only = x.clone().requires_grad_(), w.clone().requires_grad_()
-    TernaryMatmul.apply(x_only, w).backward(g)
-    TernaryMatmul.apply(x, w_only).backward(g)
+    TernaryMatmul.apply(x_only, w, BitLinearConfig()).backward(g)
+    TernaryMatmul.apply(x, w_only, BitLinearConfig()).backward(g)
     assert torch.equal(x_only.grad, x_grad) and torch.equal(w_only.grad, w_grad)
 
 
@@ -149,10 +150,10 @@ def test_bitlinear_eager_runs_the_function_compiled_the_ste_form(monkeypatch, dt
     traced graph without generating code (seconds, not a minute)."""
     calls, forward = [], TernaryMatmul.forward
 
-    def counted_forward(ctx, x, w):
+    def counted_forward(ctx, x, w, config):
         assert not torch.compiler.is_compiling(), 'torch.compile traced BitLinear through TernaryMatmul'
         calls.append(1)
-        return forward(ctx, x, w)
+        return forward(ctx, x, w, config)
     monkeypatch.setattr(TernaryMatmul, 'forward', staticmethod(counted_forward))
     x, w, g = random_case()
     ref = forward_backward(ste_reference, x, w, g, dtype)
@@ -193,11 +194,8 @@ def test_b1_activation_hand_values():
     x_q, gamma = quantize_activation_1b(x)          # Q_b = 128, gamma = 1
     assert gamma.item() == 1.0
     assert x_q.tolist() == [[64.0, -128.0, 32.0]]   # -128 clamps to -128 + eps, rounds back
-    x_q4, _ = quantize_activation_1b(x, bit_width=4)  # Q_b = 8
+    x_q4, _ = quantize_activation_1b(x, act_bits=4)  # Q_b = 8
     assert x_q4.tolist() == [[4.0, -8.0, 2.0]]
-    # before a non-linearity: eta = -1, (x - eta) * 128 = [192, 0, 160] -> clamp [eps, 128 - eps]
-    x_qn, _ = quantize_activation_1b(x, before_nonlinear=True)
-    assert x_qn.tolist() == [[128.0, 0.0, 128.0]]
     x_qe, _ = quantize_activation_1b(torch.tensor([[0.5, -1.0]]), eps=0.6)   # clamp at -128 + 0.6
     assert x_qe.tolist() == [[64.0, -127.0]]
 
@@ -210,11 +208,7 @@ def test_b1_layer_output_and_options():
     # x_q = [64, -128]; W_b = [[-1, 1], [1, -1]]; y = x_q @ W_b^T * beta * gamma / Q_b + b
     expected = torch.tensor([[-192.0, 192.0]]) * 2.0 / 128 + layer.bias
     assert torch.allclose(layer(x), expected)
-    assert BitLinear1b(4, 3).bias is not None and BitLinear1b(4, 3, bias=False).bias is None
-    nl = BitLinear1b(2, 2, bias=False, before_nonlinear=True)
-    nl.weight.data = layer.weight.data.clone()
-    # before_nonlinear: x_q = [128, 0] (eta = -1); y = [-128, 128] * 2 / 128
-    assert torch.allclose(nl(x), torch.tensor([[-2.0, 2.0]]))
+    assert BitLinear1b(4, 3).bias is None and BitLinear1b(4, 3, bias=True).bias is not None
 
 
 def test_b1_ste_gradients():
@@ -225,6 +219,134 @@ def test_b1_ste_gradients():
     layer(x).backward(g)
     w_b, beta = quantize_weight_1b(layer.weight)
     assert torch.allclose(x.grad, g @ (w_b.float() * beta), atol=1e-6)
+
+
+# --- options (BitLinearConfig) ---------------------------------------------------------
+
+def test_config_and_constructor_as_nn_linear():
+    assert BitLinear(4, 3).config == BitLinearConfig(act_bits=8, eps=1e-5, bias=False, before_nonlinear=False)
+    assert BitLinear(4, 3, True).bias.shape == (3,) and BitLinear1b(4, 3, bias=True).bias.shape == (3,)
+    layer = BitLinear1b(4, 3, config=BitLinearConfig(act_bits=4, bias=True), before_nonlinear=True)
+    assert layer.config == BitLinearConfig(act_bits=4, bias=True, before_nonlinear=True)
+    assert 'act_bits=4' in repr(layer) and 'before_nonlinear=True' in repr(layer)
+    with pytest.raises(ValueError, match='act_bits must be an integer from 2 to 8'):
+        BitLinear(4, 3, act_bits=9)
+    with pytest.raises(TypeError):
+        BitLinear(4, 3, bit_width=4)
+
+
+def test_act_bits_4_hand_values():
+    x = torch.tensor([[1.0, -0.5, 0.25, 0.0], [-2.0, 1.0, 0.3, 0.0]])
+    x_int, s = quantize_activation(x, act_bits=4)     # Q = 7
+    assert s.squeeze(-1).tolist() == [7.0, 3.5]
+    # 7 * -0.5 = -3.5 -> -4 (tie to even), 1.75 -> 2; 3.5 * 1.0 = 3.5 -> 4, 3.5 * 0.3 = 1.05 -> 1
+    assert x_int.tolist() == [[7, -4, 2, 0], [-7, 4, 1, 0]]
+    layer = BitLinear(4, 3, act_bits=4)
+    layer.weight.data = hand_made()[1]                # W_t = [0, 0, 1, -1 | 1, 0, -1, 0 | 1, 0, 1, 0], s_w = 0.5
+    # x_int @ W_t^T = [2, 5, 9] and [1, -8, -6], times s_w / s_x = 0.5 / 7 and 0.5 / 3.5
+    expected = [[1 / 7, 5 / 14, 9 / 14], [1 / 7, -8 / 7, -6 / 7]]
+    for y in (layer(x), integer_forward(layer, x)):
+        torch.testing.assert_close(y, torch.tensor(expected))
+
+
+def test_eps_option():
+    layer = BitLinear(2, 2, eps=0.5)
+    layer.weight.data = torch.tensor([[0.2, -0.4], [0.1, 0.0]])   # mean|W| = 0.175 < eps: s_w = 0.5
+    x = torch.tensor([[0.1, -0.2]])                                # max|x| = 0.2 < eps: s_x = 127 / 0.5 = 254
+    assert quantize_weight(layer.weight, eps=0.5)[0].tolist() == [[0, -1], [0, 0]]   # W / 0.5 = [.4, -.8, .2, 0]
+    assert quantize_activation(x, eps=0.5)[0].tolist() == [[25, -51]]               # [25.4, -50.8]
+    torch.testing.assert_close(layer(x), torch.tensor([[51 * 0.5 / 254, 0.0]]))
+    # the default eps: s_w = 0.175, W_t = [[1, -1], [1, 0]]; s_x = 635, x_int = [64 (63.5), -127]
+    layer.config = BitLinearConfig()
+    torch.testing.assert_close(layer(x), torch.tensor([[191 * 0.175 / 635, 64 * 0.175 / 635]]))
+
+
+@pytest.mark.parametrize('kind', [BitLinear, BitLinear1b])
+def test_bias_option(kind):
+    torch.manual_seed(0)
+    layer = kind(6, 3, bias=True)
+    layer.bias.data = torch.tensor([0.5, -1.0, 2.0])
+    x = torch.randn(4, 6, requires_grad=True)
+    y = layer(x)
+    plain = kind(6, 3)
+    plain.weight.data = layer.weight.data
+    assert torch.equal(y, plain(x) + layer.bias) and torch.equal(integer_forward(layer, x), integer_forward(plain, x) + layer.bias)
+    y.backward(torch.ones(4, 3))
+    assert layer.bias.grad.tolist() == [4.0, 4.0, 4.0]
+
+
+def test_before_nonlinear_hand_values():
+    x = torch.tensor([[0.5, -1.0, 0.25]])
+    # max - min = 1.5: s_x = 255 / 1.5 = 170, z = round(1 * 170) = 170;
+    # x * s_x = [85, -170, 42.5 -> 42 (tie to even)], + z = [255, 0, 212]
+    x_int, s_x, z = quantize_activation_shifted(x)
+    assert (x_int.tolist(), s_x.item(), z.item()) == ([[255.0, 0.0, 212.0]], 170.0, 170.0)
+    # 4 bits: s_x = 15 / 1.5 = 10, z = 10, x * s_x = [5, -10, 2.5 -> 2] + z = [15, 0, 12]
+    assert quantize_activation_shifted(x, act_bits=4)[0].tolist() == [[15.0, 0.0, 12.0]]
+    # 0 stays exactly 0: min = -0.3, s_x = 255 / 1.3, z = round(58.85) = 59, the code of 0 is 59
+    zeros, s0, z0 = quantize_activation_shifted(torch.tensor([[0.0, -0.3, 1.0, 0.0]]))
+    assert zeros[0, 0].item() == zeros[0, 3].item() == z0.item() == 59.0 and zeros[0, 1].item() == 0.0
+    # b1: W = [[1, 2, -3], [4, 5, 6]]: alpha = 2.5, W_b = [[-1, -1, -1], [1, 1, 1]], beta = 3.5, row sums -3, 3.
+    # x_q = (x_int - z) / 170 = [0.5, -1, 42 / 170]; W_b beta x_q = -+3.5 * (-43 / 170);
+    # as the integer line: (x_int @ W_b^T - z * row sums) * beta / s_x = (-+467 +- 510) * 3.5 / 170
+    b1 = BitLinear1b(3, 2, before_nonlinear=True)
+    b1.weight.data = torch.tensor([[1.0, 2.0, -3.0], [4.0, 5.0, 6.0]])
+    assert (-467 + 510) * 3.5 / 170 == pytest.approx(150.5 / 170)
+    for y in (b1(x), integer_forward(b1, x)):
+        torch.testing.assert_close(y, torch.tensor([[150.5 / 170, -150.5 / 170]]))
+    # b1.58, 4 bits: W_t = [[1, 0, -1], [1, 1, 0]], s_w = 2/3, row sums 0, 2; x_q = ([15, 0, 12] - 10) / 10
+    # = [0.5, -1, 0.2]: W_t s_w x_q = [0.3, -0.5] * 2/3; integer line: ([3, 15] - 10 * [0, 2]) * s_w / 10
+    t = BitLinear(3, 2, act_bits=4, before_nonlinear=True)
+    t.weight.data = torch.tensor([[1.0, 0.0, -1.0], [1.0, 1.0, 0.0]])
+    for y in (t(x), integer_forward(t, x)):
+        torch.testing.assert_close(y, torch.tensor([[0.2, -1 / 3]]))
+    # a constant token: max - min = 0 (clamped to eps), x_int = 0, the output is the shift's term alone
+    c = torch.full((1, 3), 2.0)
+    assert quantize_activation_shifted(c)[0].tolist() == [[0.0, 0.0, 0.0]]
+    torch.testing.assert_close(t(c), torch.tensor([[0.0, 2 * 2 * 2 / 3]]))
+
+
+def literal_paper_form(x, w_q, act_bits=8, eps=1e-5):
+    """The 1-bit paper's before-nonlinearity formula read literally: gamma = max|x|, (x - eta)
+    clipped to [eps, Q_b - eps], eta never added back."""
+    q_b = 2 ** (act_bits - 1)
+    gamma, eta = x.abs().amax(-1, keepdim=True), x.amin(-1, keepdim=True)
+    return F.linear(((x - eta) * q_b / gamma).clamp(eps, q_b - eps).round() * gamma / q_b, w_q)
+
+
+@pytest.mark.parametrize('kind', [BitLinear, BitLinear1b])
+def test_before_nonlinear_approximates_w_x(kind):
+    """On Gaussian input the layer's output is close to W_q x (W_q its dequantized weight); the
+    paper's literal form computes W_q (x - eta), off by more than the output's size. The
+    straight-through backward is W_q's, consistent with a forward that approximates W_q x."""
+    torch.manual_seed(0)
+    layer = kind(256, 128, before_nonlinear=True)
+    w_i, scale = integer_weight(layer)
+    w_q = w_i.float() * scale
+    x = torch.randn(64, 256, requires_grad=True)
+    rel = lambda y, x: ((y - F.linear(x, w_q)).norm() / F.linear(x, w_q).norm()).item()
+    y = layer(x)
+    assert rel(y, x) < 0.01 and rel(literal_paper_form(x, w_q), x) > 2.0
+    # a non-negative input (ReLU's output: eta = 0) gets steps half the symmetric quantizer's
+    symmetric = kind(256, 128)
+    symmetric.weight.data = layer.weight.data
+    r = F.relu(x)
+    assert rel(layer(r), r) < 0.6 * rel(symmetric(r), r)
+    g = torch.randn(64, 128)
+    y.backward(g)
+    assert torch.allclose(x.grad, g @ w_q, atol=1e-6)
+
+
+@pytest.mark.parametrize('options', [dict(act_bits=4), dict(before_nonlinear=True),
+                                     dict(act_bits=3, eps=0.1, before_nonlinear=True)],
+                         ids=['act_bits=4', 'before_nonlinear', 'act_bits=3,eps,before_nonlinear'])
+def test_ternary_matmul_is_the_ste_form_for_every_option(options):
+    """Eager (TernaryMatmul) and compiled (ternary_matmul_ste) forms agree bit for bit, forward and gradients."""
+    config = BitLinearConfig(**options)
+    x, w, g = random_case()
+    eager = forward_backward(lambda x, w: TernaryMatmul.apply(x, w, config), x, w, g)
+    for a, b in zip(eager, forward_backward(lambda x, w: ternary_matmul_ste(x, w, config), x, w, g)):
+        assert torch.equal(a, b)
 
 
 # --- packing --------------------------------------------------------------------------
@@ -249,10 +371,10 @@ def test_pack_unpack_round_trip(shape):
 
 # --- report and verification -------------------------------------------------------------
 
-def tiny_model(quant='b1.58'):
+def tiny_model(quant='b1.58', **options):
     from model import GPT, GPTConfig
     torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=2, n_head=2, n_embd=32, quant=quant))
+    return GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=2, n_head=2, n_embd=32, quant=quant, **options))
 
 
 def test_report_flags_non_ternary_layers():
@@ -274,6 +396,31 @@ def test_verify_passes_within_float32_rounding(quant):
     assert report['ok'] and report['n_layers'] == 14
     assert report['max_diff'] < 1e-6 and report['tol'] == 1e-5
     assert report['packed_bits'] == 2.0
+
+
+@pytest.mark.parametrize('quant', ['b1.58', 'b1'])
+@pytest.mark.parametrize('options', [dict(act_bits=4), dict(bias=True), dict(before_nonlinear=True),
+                                     dict(act_bits=3, bias=True, before_nonlinear=True)],
+                         ids=['act_bits=4', 'bias', 'before_nonlinear', 'all'])
+def test_verify_passes_for_every_option(quant, options):
+    """integer_forward computes every option from integers (act_bits, the shift's row sums, the bias):
+    each layer of the training form equals it within float32 rounding."""
+    model = tiny_model(quant, **options)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith('.bias'):
+                p.normal_()
+    idx = torch.randint(20, (2, 16))
+    report = verify_bitlinear(model, idx)
+    assert report['ok'] and report['n_layers'] == 14 and report['max_diff'] < 1e-6
+
+
+@pytest.mark.parametrize('options', [dict(act_bits=4), dict(before_nonlinear=True)], ids=['act_bits=4', 'before_nonlinear'])
+def test_verify_fails_when_forward_ignores_an_option(monkeypatch, options):
+    model = tiny_model(**options)
+    monkeypatch.setattr(BitLinear, 'forward', lambda self, x: TernaryMatmul.apply(x, self.weight, BitLinearConfig()))
+    report = verify_bitlinear(model, torch.randint(20, (2, 16)))
+    assert not report['ok'] and report['max_diff'] > 100 * report['tol']
 
 
 def test_verify_fails_when_forward_skips_quantization(monkeypatch):

@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -181,3 +182,77 @@ def test_engine_sampling_equals_generate(monkeypatch):
     got = engine.generate(prompt, 30, temperature=0.8, top_k=10)
     assert torch.equal(got, expected)
     assert not torch.equal(got, engine.generate(prompt, 30))   # greedy decoding picks other tokens
+
+
+# --- the BitLinear options (act_bits, bias, before_nonlinear) ----------------------------
+
+@pytest.mark.parametrize('quant,layer_type', [('b1.58', BitLinear), ('b1', BitLinear1b)])
+def test_options_reach_the_projections(quant, layer_type):
+    model = make(quant, act_bits=4, bias=True, before_nonlinear=True)
+    projections = {n: m for n, m in model.named_modules() if n.endswith('_proj')}
+    assert all(type(m) is layer_type and m.config.act_bits == 4 for m in projections.values())
+    assert all(m.bias is not None and m.bias.abs().sum() == 0 for m in projections.values())   # zeros at init
+    assert sorted(n for n, m in projections.items() if m.config.before_nonlinear) == \
+        ['model.layers.0.mlp.down_proj', 'model.layers.1.mlp.down_proj']   # the input that follows relu^2
+    idx = torch.randint(30, (2, 24))
+    model(idx, idx)[1].backward()
+    assert all(m.bias.grad.abs().sum() > 0 for m in projections.values())
+
+
+def test_option_errors_and_the_float_baseline():
+    assert all(m.bias is not None for n, m in make('none', bias=True).named_modules() if n.endswith('_proj'))
+    with pytest.raises(ValueError, match="quant='none' has none"):
+        GPTConfig(quant='none', act_bits=4)
+    with pytest.raises(ValueError, match='act_bits must be an integer from 2 to 8'):
+        make(act_bits=1)
+    assert GPTConfig(act_bits=4, bias=True).nonstandard_options() == 'act_bits=4, bias=True'
+    assert GPTConfig().nonstandard_options() == ''
+
+
+def test_options_are_saved_in_checkpoints_and_old_ones_load(tmp_path):
+    from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    model = make('b1', act_bits=5, bias=True, before_nonlinear=True)
+    args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
+    save_checkpoint(dict(model=model.state_dict(), model_args=args), str(tmp_path / 'new.pt'))
+    again = model_from_checkpoint(load_checkpoint(str(tmp_path / 'new.pt')))
+    down = again.model.layers[1].mlp.down_proj
+    assert (down.config.act_bits, down.config.before_nonlinear, down.bias is not None) == (5, True, True)
+    idx = torch.randint(30, (2, 24))
+    assert torch.equal(again(idx, idx)[0], model(idx, idx)[0])
+    # a checkpoint written before these fields existed: its model_args lack them, the defaults apply
+    old = {k: v for k, v in args.items() if k not in ('act_bits', 'bias', 'before_nonlinear')}
+    plain = make('b1')
+    save_checkpoint(dict(model=plain.state_dict(), model_args=old), str(tmp_path / 'old.pt'))
+    loaded = model_from_checkpoint(load_checkpoint(str(tmp_path / 'old.pt')))
+    assert (loaded.config.act_bits, loaded.config.bias, loaded.config.before_nonlinear) == (8, False, False)
+
+
+def test_pack_and_hf_config_refuse_what_their_formats_cannot_hold():
+    from hf import HFError, hf_config
+    from packed import pack_model
+    model = make(act_bits=4, before_nonlinear=True)
+    with pytest.raises(ValueError, match=r'^a model with act_bits=4, before_nonlinear=True cannot be packed: '):
+        pack_model(model)
+    args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
+    with pytest.raises(HFError, match=r"^a model with bias=True cannot be exported: transformers' BitNet"):
+        hf_config({**args, 'act_bits': 8, 'before_nonlinear': False, 'bias': True}, 'master', 'float32', None)
+
+
+def test_train_sample_pack_export_with_every_option(tmp_path, corpus_dir):
+    """A tiny W1.58A4 run with biases and before_nonlinear: sample.py's verification compares every
+    layer with the integer line and PASSes; pack.py and export.py refuse it with one line."""
+    from conftest import TINY, run
+    out = tmp_path / 'out'
+    r = run('train.py', *TINY, f'--data_dir={corpus_dir}', '--dataset=tiny', f'--out_dir={out}', '--max_iters=4',
+            '--eval_interval=4', '--act_bits=4', '--bias=True', '--before_nonlinear=True')
+    assert r.returncode == 0, r.stderr
+    r = run('sample.py', f'--out_dir={out}', '--num_samples=1', '--max_new_tokens=5', '--device=cpu')
+    assert r.returncode == 0, r.stderr
+    assert 'PASS' in r.stdout
+    options = 'act_bits=4, bias=True, before_nonlinear=True'
+    r = run('pack.py', f'--out_dir={out}')
+    assert r.returncode == 2 and r.stderr.count('\n') == 1
+    assert r.stderr.startswith(f'error: {out}/ckpt.pt: a model with {options} cannot be packed')
+    r = run('export.py', f'--out_dir={out}', f'--to={tmp_path / "hf"}')
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and not os.path.exists(tmp_path / 'hf')
+    assert r.stderr.startswith(f'error: {out}/ckpt.pt: a model with {options} cannot be exported')
