@@ -137,8 +137,8 @@ def test_prepare_data_cli_errors(tmp_path):
     r = run('prepare_data.py')
     assert r.returncode == 2 and 'name the dataset first' in r.stderr
     r = run('prepare_data.py', 'mine', f'--data_dir={tmp_path}')
-    assert r.returncode == 1 and "python prepare_data.py mine --input=PATH" in r.stderr
+    assert r.returncode == 2 and "python prepare_data.py mine --input=PATH" in r.stderr
     r = run('prepare_data.py', 'mine', '--input=/no/such/file.txt')
-    assert r.returncode == 1 and 'input file not found: /no/such/file.txt' in r.stderr
+    assert r.returncode == 2 and 'input file not found: /no/such/file.txt' in r.stderr
     r = run('prepare_data.py', 'mine', '--tokenizer=bpe')
-    assert r.returncode == 1 and "tokenizer must be one of" in r.stderr
+    assert r.returncode == 2 and "tokenizer must be one of" in r.stderr
