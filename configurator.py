@@ -58,7 +58,8 @@ def coerce(key, value, default, where):
     elif isinstance(default, str):
         if isinstance(value, str):
             return value
-    fail(f"{where}'{key}' must be {type(default).__name__}, got {value!r}")
+    finite = ' (a finite number)' if isinstance(default, float) else ''
+    fail(f"{where}'{key}' must be {type(default).__name__}{finite}, got {value!r}")
 
 
 def configure(namespace, args):

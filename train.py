@@ -90,7 +90,6 @@ config_keys = list(settings_of(globals()))
 configure(globals(), sys.argv[1:])
 config = {k: globals()[k] for k in config_keys}  # saved in the checkpoint and sent to wandb
 
-
 # every setting's range, and what out_dir holds, checked before torch is imported (2 s) or a file is touched
 check_choice(globals(), 'quant', ('b1.58', 'b1', 'none'))   # model.QUANT_MODES
 check_choice(globals(), 'lr_schedule', ('cosine', 'two_stage'))
@@ -382,17 +381,22 @@ def log(record):
 nonfinite_at = torch.tensor(-1, device=device)
 
 
-def stop_if_diverged():
-    """Exit with one line if a loss or gradient norm was not finite: the weights are then not
-    finite either (or will not be), so nothing is evaluated or saved from them."""
-    it = nonfinite_at.item()
-    if it < 0:
-        return
+def stop_diverged(what, it):
+    """Exit with one line: what became inf or nan at iteration it, the likely cause, and that no
+    checkpoint was written from such weights."""
     cause = ("float16 overflowed: train in --dtype=bfloat16 (or float32)" if dtype == 'float16' else
              f"the learning rate ({get_lr(it):.2e} there) is too high for this model: lower --learning_rate "
              f"(or raise --warmup_iters)")
     kept = f"{ckpt_path} was left as it was" if os.path.exists(ckpt_path) else "no checkpoint was written"
-    fail(f"the training loss (or its gradient norm) became inf or nan at iteration {it}: {cause}; {kept}")
+    fail(f"{what} became inf or nan at iteration {it}: {cause}; {kept}")
+
+
+def stop_if_diverged():
+    """Stop if a loss or gradient norm since the last check was not finite: the weights are then not
+    finite either (or soon will not be), so nothing is evaluated or saved from them."""
+    it = nonfinite_at.item()
+    if it >= 0:
+        stop_diverged("the training loss (or its gradient norm)", it)
 
 
 # training loop ------------------------------------------------------------------
@@ -418,8 +422,7 @@ while True:
             losses = estimate_loss()
         record.update(train_loss=losses['train'], val_loss=losses['val'], lr=lr)
         if not all(map(math.isfinite, losses.values())):
-            fail(f"the evaluation at iteration {iter_num} gave a loss of {losses['val']} (val): the weights are not "
-                 f"finite; {'train it again' if eval_only else 'lower --learning_rate and start again'}")
+            stop_diverged("the evaluation loss", iter_num)
         tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" +
                    (f" (moving average; the trained weights: val loss {record['val_loss_trained_weights']:.4f})"
                     if ema is not None else ""))
@@ -429,10 +432,10 @@ while True:
             improved = True
         else:
             improved = False
-        if (improved or always_save_checkpoint) and iter_num > 0 and not eval_only:
+        resumed_here = init_from == 'resume' and local_iter == 0  # the checkpoint holds these weights already
+        if (improved or always_save_checkpoint) and iter_num > 0 and not eval_only and not resumed_here:
             if not all(torch.isfinite(w).all() for w in weights + (ema or [])):
-                fail(f"the weights at iteration {iter_num} are not all finite: lower --learning_rate; "
-                     f"{ckpt_path} was left as it was")
+                stop_diverged("a weight", iter_num)
             state = raw_model.state_dict()
             weights_saved = dict(model=state) if ema is None else dict(model=dict(zip(state, ema)), train_model=state)
             save_checkpoint(dict(**weights_saved, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
