@@ -9,7 +9,8 @@ uint16) and meta.json (the tokenizer, so a checkpoint can decode its own samples
 
 The two built-in datasets download the tiny Shakespeare text when data/<name>/input.txt is
 absent and no --input is given. The first 90% of the text (by characters) is the training
-split, the rest validation, as in nanoGPT.
+split, the rest validation, as in nanoGPT. The text must be UTF-8. A folder that already holds
+another prepared dataset (other text or tokenizer) is replaced only with --overwrite=True.
 """
 
 import json

@@ -10,7 +10,10 @@ Several GPUs of one node with DDP (launch with torchrun):
 
 The settings below are the defaults; a config file reassigns some of them and --key=value
 overrides single ones (configurator.py). Checkpoints go to out_dir/ckpt.pt, the log of
-every logged iteration and evaluation to out_dir/train_log.jsonl.
+every logged iteration and evaluation to out_dir/train_log.jsonl. A new run never starts in an
+out_dir that holds either (resume it, or choose another); a resumed one drops the records logged
+after its checkpoint (a crashed run's tail), which it writes again. A run whose loss or gradient
+norm becomes inf or nan stops with one line (exit code 2) and never saves those weights.
 """
 
 import json
