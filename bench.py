@@ -36,10 +36,8 @@ import sys
 import time
 from contextlib import nullcontext
 
-import torch
-
-from configurator import configure, fail
-from model import GPT, PROJECTIONS, QUANT_MODES, GPTConfig, device_peak_flops, projection_parent, rotary_tables
+from configurator import (check, check_choice, check_device, check_device_present, check_floats, check_ints,
+                          check_new_file, check_optional_bools, configure, fail)
 
 # -----------------------------------------------------------------------------
 mode = 'train'             # 'train': training step time; 'decode': batch-1 generation speed;
@@ -68,18 +66,42 @@ new_tokens = 256
 repeats = 3                # decode: timed generations per variant (median)
 prefill_rows = 512         # prefill: rows of the input (prompt tokens x batch)
 packed_file = ''           # decode: also write the packed model here and report its size
+overwrite = False          # replace a file at packed_file even when it is not a packed file
 profile = False            # CUDA: print the kernels of one step (train) / one decoding step (decode)
 seed = 1337
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
+# every setting's range, checked before torch is imported (2 s) and before minutes of benchmarking
 quant_list = quants.split(',')
-if any(q not in QUANT_MODES for q in quant_list):
-    fail(f"quants must be a comma-separated list of {', '.join(QUANT_MODES)}, got '{quants}'")
-if mode not in ('train', 'decode', 'prefill'):
-    fail(f"mode must be 'train', 'decode' or 'prefill', got '{mode}'")
+check(all(q in ('b1.58', 'b1', 'none') for q in quant_list),   # model.QUANT_MODES
+      f"quants must be a comma-separated list of b1.58, b1, none, got '{quants}'")
+check_choice(globals(), 'mode', ('train', 'decode', 'prefill'))
+check_choice(globals(), 'dtype', ('auto', 'float32', 'bfloat16', 'float16'))
+check_device(device)
+check_ints(globals(), 'n_layer n_head n_embd vocab_size block_size batch_size rounds steps_per_round prompt_len '
+                      'new_tokens repeats prefill_rows', 1)
+check_ints(globals(), 'n_kv_head intermediate_size', 1, allow_none=True)
+check_ints(globals(), 'warmup seed', 0)
+check_floats(globals(), 'rope_theta', 0, low_open=True)
+check_optional_bools(globals(), 'compile cuda_graphs')
+check(n_embd % n_head == 0 and n_embd // n_head % 2 == 0, f"n_embd ({n_embd}) must be n_head ({n_head}) times an "
+      f"even head size (rotary embeddings turn pairs of numbers): change --n_embd or --n_head")
+check(n_kv_head is None or n_head % n_kv_head == 0, f"n_kv_head ({n_kv_head}) must divide n_head ({n_head})")
+check(not packed_file or mode == 'decode', "packed_file is written by --mode=decode only: add it, or drop --packed_file")
+
+# torch and the model, after the settings are checked ----------------------------
+import torch
+
+from model import GPT, PROJECTIONS, GPTConfig, device_peak_flops, projection_parent, rotary_tables
+
+torch.manual_seed(seed)  # the random weights and batches
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
 device_type = device.split(':')[0]
+check_device_present(device)
+if packed_file:
+    from checkpoint import is_packed_file
+    check_new_file(packed_file, 'packed_file', overwrite, replaceable=is_packed_file)
 if mode == 'prefill' and device_type != 'cuda':
     fail("mode=prefill times the CUDA kernels of the packed layer and needs a CUDA GPU "
          "(on the CPU the packed layer is unpack-then-matmul itself)")

@@ -16,11 +16,13 @@ state dict, packed.packed_state_dict), 'model_args' and 'tokenizer'.
 """
 
 import os
+import re
+import warnings
 
 import torch
 
 from model import GPT, GPTConfig
-from packed import load_packed, packed_checkpoint
+from packed import PACKED_FORMAT, load_packed, packed_checkpoint
 
 
 class CheckpointError(Exception):
@@ -46,8 +48,17 @@ def load_checkpoint(path, map_location='cpu'):
         raise CheckpointError(f"no checkpoint at {path}: train one first (python train.py CONFIG), "
                               f"or point --out_dir (or --ckpt_path) at one")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. torch's note on a plain pickle's protocol: the error says it all
+            warnings.simplefilter('ignore')
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
+        # weights_only=True unpickles tensors and plain containers only; anything else is a GLOBAL:
+        # a class or function that unpickling would import and call, i.e. code
+        code = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if code:
+            raise CheckpointError(f"{path} was refused: it holds Python code (a pickled {code.group(1)}), not only "
+                                  f"tensors, and loading it could run that code; a checkpoint of this repo holds "
+                                  f"none: use only files you made or trust") from None
         raise CheckpointError(f"{path} is damaged or not a checkpoint ({type(e).__name__}); "
                               f"retrain, or restore it from a copy") from None
     if not isinstance(checkpoint, dict) or 'model_args' not in checkpoint or \
@@ -66,11 +77,44 @@ def model_from_checkpoint(checkpoint, path='checkpoint', **overrides):
             raise CheckpointError(str(e)) from None
     try:
         model = GPT(GPTConfig(**{**checkpoint['model_args'], **overrides}))
-        model.load_state_dict(checkpoint['model'])
-    except (TypeError, ValueError, RuntimeError) as e:
-        first_line = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path} does not match the model it describes: {first_line}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} describes a model that cannot be built: {str(e).strip().splitlines()[0]}") from None
+    state, own = checkpoint['model'], model.state_dict()
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is damaged: its 'model' is a {type(state).__name__}, not a state dict")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshaped = [k for k in own if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != own[k].shape)]
+    if missing or unexpected or misshaped:
+        more = len(missing) + len(unexpected) + len(misshaped) - 1
+        more = f" (and {more} more mismatches)" if more else ""
+        if missing:
+            what = f"{missing[0]} is missing"
+        elif misshaped:
+            k = misshaped[0]
+            shape = tuple(state[k].shape) if isinstance(state[k], torch.Tensor) else type(state[k]).__name__
+            what = f"{k} has shape {shape}, the model needs {tuple(own[k].shape)}"
+        else:
+            what = f"{unexpected[0]} is not a weight of the model"
+        raise CheckpointError(f"{path} does not match the model it describes: {what}{more}; "
+                              f"it is damaged or was edited: retrain, or restore it from a copy")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match the model it describes: {str(e).strip().splitlines()[-1]}") from None
     return model
+
+
+def is_packed_file(path):
+    """True when path holds a packed model of this repo (pack.py, bench.py), one that those scripts
+    may replace with a newer one; False for anything else (a training checkpoint, the user's files)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:
+        return False
+    return isinstance(checkpoint, dict) and checkpoint.get('format') == PACKED_FORMAT
 
 
 def save_packed(model, path, tokenizer=None, dtype=None):

@@ -9,12 +9,17 @@ A script keeps its settings as module globals and calls
 
 Each config file is plain Python that reassigns some of those names; each --key=value then
 overrides one (the value is read as a Python literal, or taken as a string for str settings).
-A key that is not a setting, a value of the wrong type, a missing config file or an error
-inside one ends the program with one line naming it, and exit code 2.
+A key that is not a setting, a value of the wrong type (or a float that is inf or nan), a
+missing config file or an error inside one ends the program with one line naming it, and exit
+code 2. Each script then checks the ranges of its settings in one block right after configure,
+with the helpers at the end of this file, before it imports torch (2 s) or touches a file.
 """
 
 import ast
 import difflib
+import math
+import os
+import re
 import sys
 
 
@@ -48,12 +53,13 @@ def coerce(key, value, default, where):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif isinstance(default, str):
         if isinstance(value, str):
             return value
-    fail(f"{where}'{key}' must be {type(default).__name__}, got {value!r}")
+    finite = ' (a finite number)' if isinstance(default, float) else ''
+    fail(f"{where}'{key}' must be {type(default).__name__}{finite}, got {value!r}")
 
 
 def configure(namespace, args):
@@ -97,3 +103,84 @@ def configure(namespace, args):
                     value = raw
             namespace[key] = coerce(key, value, settings[key], "")
     return namespace
+
+
+# -----------------------------------------------------------------------------
+# the checks of a script's validation block; each ends the program with one line (fail)
+
+def check(ok, message):
+    """One rule: fail(message) unless ok."""
+    if not ok:
+        fail(message)
+
+
+def check_ints(namespace, names, low, allow_none=False):
+    """Each setting in names (space-separated) must be an int >= low; with allow_none also None
+    (the settings whose default None means 'derived from the others')."""
+    for name in names.split():
+        value = namespace[name]
+        if value is None and allow_none:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            fail(f"{name} must be an integer >= {low}{' (or None)' if allow_none else ''}, got {value!r}")
+
+
+def check_floats(namespace, names, low, high=None, low_open=False, high_open=True):
+    """Each setting in names (space-separated) must lie between low and high (None: no upper end);
+    low_open/high_open exclude the ends, e.g. beta2 in [0, 1) or learning_rate > 0."""
+    for name in names.split():
+        value = namespace[name]
+        below = value <= low if low_open else value < low
+        above = high is not None and (value >= high if high_open else value > high)
+        if below or above:
+            if high is None:
+                fail(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+            fail(f"{name} must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}, got {value}")
+
+
+def check_choice(namespace, name, choices):
+    """Setting name must be one of choices."""
+    if namespace[name] not in choices:
+        fail(f"{name} must be one of {', '.join(map(str, choices))}, got {namespace[name]!r}")
+
+
+def check_optional_bools(namespace, names):
+    """Each setting in names (space-separated, default None: 'decide from the device') must be None,
+    True or False."""
+    for name in names.split():
+        if namespace[name] is not None and not isinstance(namespace[name], bool):
+            fail(f"{name} must be True, False or None (automatic), got {namespace[name]!r}")
+
+
+def check_device(device, extra=('auto',)):
+    """A device string torch understands: cpu, cuda, cuda:N, mps (and the words in extra)."""
+    if device not in extra and not re.fullmatch(r'cpu|mps|cuda(:\d+)?', device):
+        fail(f"device must be {', '.join(extra)}{', ' if extra else ''}cpu, cuda, cuda:N or mps, got '{device}'")
+
+
+def check_device_present(device):
+    """After torch is imported: the device (one that check_device accepts, not 'auto') is on this machine."""
+    import torch
+    kind = device.split(':')[0]
+    if kind == 'cuda' and not torch.cuda.is_available():
+        fail("device is cuda but torch sees no CUDA GPU: use --device=cpu (or mps on a Mac)")
+    if kind == 'cuda' and ':' in device and int(device[5:]) >= torch.cuda.device_count():
+        fail(f"device is {device} but torch sees {torch.cuda.device_count()} CUDA GPU(s): "
+             f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        fail("device is mps but this torch has no MPS support: use --device=cpu")
+
+
+def check_new_file(path, setting, overwrite=False, replaceable=None):
+    """path (from --setting) is a file a script is about to write: its directory must exist, it must
+    not be a directory, and a file already there is replaced only when replaceable(path) says it is
+    one this script writes (e.g. an earlier packed file) or overwrite (--overwrite=True) forces it:
+    a script never replaces what the user made for something else."""
+    folder = os.path.dirname(path) or '.'
+    if not os.path.isdir(folder):
+        fail(f"--{setting}={path}: the directory {folder} does not exist: create it, or choose another --{setting}")
+    if os.path.isdir(path):
+        fail(f"--{setting}={path} is a directory: name a file in it, e.g. --{setting}={os.path.join(path, 'x.pt')}")
+    if os.path.exists(path) and not overwrite and not (replaceable and replaceable(path)):
+        fail(f"{path} exists and is not a file this script writes: choose another --{setting}, "
+             f"or pass --overwrite=True to replace it")

@@ -9,18 +9,20 @@ uint16) and meta.json (the tokenizer, so a checkpoint can decode its own samples
 
 The two built-in datasets download the tiny Shakespeare text when data/<name>/input.txt is
 absent and no --input is given. The first 90% of the text (by characters) is the training
-split, the rest validation, as in nanoGPT.
+split, the rest validation, as in nanoGPT. The text must be UTF-8. A folder that already holds
+another prepared dataset (other text or tokenizer) is replaced only with --overwrite=True.
 """
 
 import json
 import os
+import re
 import sys
 import urllib.request
 
 import numpy as np
 from tqdm import tqdm
 
-from configurator import configure, fail
+from configurator import check, configure, fail
 
 SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 DATASETS = {  # name -> (tokenizer, url of the text)
@@ -103,17 +105,27 @@ def encode_gpt2(text, desc):
 
 # -----------------------------------------------------------------------------
 
+def read_text(path):
+    """The text of a UTF-8 file, or DataError saying where it is not UTF-8."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): convert it, "
+                        f"e.g. iconv -f latin1 -t utf-8 {path} > converted.txt") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+
+
 def read_input(name, input_path, data_dir):
     """The raw text: --input, else data/<name>/input.txt, else downloaded for built-ins."""
     if input_path:
         if not os.path.isfile(input_path):
             raise DataError(f"input file not found: {input_path}")
-        with open(input_path, encoding='utf-8') as f:
-            return f.read()
+        return read_text(input_path)
     local = os.path.join(data_dir, name, 'input.txt')
     if os.path.isfile(local):
-        with open(local, encoding='utf-8') as f:
-            return f.read()
+        return read_text(local)
     if name not in DATASETS:
         raise DataError(f"no text for dataset '{name}': give your file with "
                         f"python prepare_data.py {name} --input=PATH")
@@ -122,16 +134,17 @@ def read_input(name, input_path, data_dir):
         with urllib.request.urlopen(url, timeout=30) as r:
             text = r.read().decode('utf-8')
     except Exception as e:
-        raise DataError(f"could not download {url} ({type(e).__name__}): either pass a local copy with "
-                        f"--input=PATH, or save that file as {local} yourself") from None
+        raise DataError(f"could not download {url} ({type(e).__name__}): either give a local copy with "
+                        f"python prepare_data.py {name} --input=PATH, or save that file as {local} yourself") from None
     os.makedirs(os.path.dirname(local), exist_ok=True)
     with open(local, 'w', encoding='utf-8') as f:
         f.write(text)
     return text
 
 
-def prepare(name, input_path='', tokenizer='', val_fraction=0.1, data_dir='data'):
-    """Write data/<name>/{train.bin, val.bin, meta.json}; returns the meta dict."""
+def prepare(name, input_path='', tokenizer='', val_fraction=0.1, data_dir='data', overwrite=False):
+    """Write data/<name>/{train.bin, val.bin, meta.json}; returns the meta dict. Files already there
+    that differ from these (another text or tokenizer) are replaced only with overwrite=True."""
     tokenizer = tokenizer or DATASETS.get(name, ('char',))[0]
     if tokenizer not in TOKENIZERS:
         raise DataError(f"tokenizer must be one of {TOKENIZERS}, got '{tokenizer}'")
@@ -152,11 +165,20 @@ def prepare(name, input_path='', tokenizer='', val_fraction=0.1, data_dir='data'
         ids = {split: encode_gpt2(part, f"encoding {split}") for split, part in splits.items()}
     meta['dtype'] = 'uint16' if meta['vocab_size'] <= 1 << 16 else 'uint32'
     out = os.path.join(data_dir, name)
-    os.makedirs(out, exist_ok=True)
-    for split, arr in ids.items():
-        np.array(arr, dtype=meta['dtype']).tofile(os.path.join(out, f'{split}.bin'))
-    with open(os.path.join(out, 'meta.json'), 'w') as f:
-        json.dump(meta, f)
+    files = {f'{split}.bin': np.array(arr, dtype=meta['dtype']).tobytes() for split, arr in ids.items()}
+    files['meta.json'] = json.dumps(meta).encode()
+    differ = [f for f in files if os.path.isfile(os.path.join(out, f))
+              and open(os.path.join(out, f), 'rb').read() != files[f]]
+    if differ and not overwrite:
+        raise DataError(f"{out} holds another prepared dataset ({differ[0]} differs from this one): choose another "
+                        f"name, or replace it with python prepare_data.py {name} --overwrite=True")
+    try:
+        os.makedirs(out, exist_ok=True)
+        for f, data in files.items():
+            with open(os.path.join(out, f), 'wb') as fh:
+                fh.write(data)
+    except OSError as e:
+        raise DataError(f"cannot write {out}: {e.strerror}: choose another --data_dir") from None
     print(f"{name}: {len(text):,} characters, vocabulary {meta['vocab_size']:,} ({tokenizer}), "
           f"train {len(ids['train']):,} tokens, val {len(ids['val']):,} tokens -> {out}/")
     return meta
@@ -168,13 +190,15 @@ if __name__ == '__main__':
     tokenizer = ''       # 'char' or 'gpt2' ('' = the built-in's own, 'char' for your own text)
     val_fraction = 0.1   # last part of the text held out for validation
     data_dir = 'data'    # output goes to data_dir/<name>/
+    overwrite = False    # replace data_dir/<name>/ when it holds a dataset prepared from another text
     args = sys.argv[1:]
     if not args or args[0].startswith('--'):
         fail(f"name the dataset first: python prepare_data.py NAME [--input=PATH] "
              f"[--tokenizer=char|gpt2] (built-ins: {', '.join(DATASETS)})")
     configure(globals(), args[1:])
-    try:
-        prepare(args[0], input, tokenizer, val_fraction, data_dir)
+    check(re.fullmatch(r'[\w.-]+', args[0]) and args[0] not in ('.', '..'),
+          f"the dataset name '{args[0]}' names a folder in --data_dir: use letters, digits, '_', '-' and '.'")
+    try:   # prepare checks tokenizer and val_fraction
+        prepare(args[0], input, tokenizer, val_fraction, data_dir, overwrite)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e))

@@ -18,15 +18,7 @@ import os
 import sys
 from contextlib import nullcontext
 
-import torch
-from tqdm import tqdm
-
-from bitlinear import verify_bitlinear
-from packed import is_packed, verify_packed
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from configurator import configure, fail
-from hf import load_hf_checkpoint
-from prepare_data import DataError, load_tokenizer
+from configurator import check, check_choice, check_device, check_device_present, check_floats, check_ints, configure, fail
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'            # reads out_dir/ckpt.pt ...
@@ -42,15 +34,40 @@ dtype = 'auto'             # 'auto' (bfloat16 on CUDA where supported, else floa
 verify = True              # check the ternary weights first (FAIL exits with code 1)
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
+# every setting's range and the prompt file, checked before torch is imported (2 s)
+check_ints(globals(), 'num_samples max_new_tokens', 1)
+check_ints(globals(), 'top_k', 1, allow_none=True)
+check_ints(globals(), 'seed', 0)
+check_floats(globals(), 'temperature', 0)
+check_device(device)
+check_choice(globals(), 'dtype', ('auto', 'float32', 'bfloat16', 'float16'))
+check(ckpt_path or not os.path.isfile(out_dir), f"--out_dir={out_dir} is a file: for a checkpoint file use --ckpt_path")
+if start.startswith('FILE:'):
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    except OSError:
+        fail(f"prompt file not found: {start[5:]}")
+    except UnicodeDecodeError as e:
+        fail(f"prompt file {start[5:]} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+             f"save it as UTF-8")
+
+# torch and the model, after the settings are checked ----------------------------
+import torch
+from tqdm import tqdm
+
+from bitlinear import verify_bitlinear
+from packed import is_packed, verify_packed
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from hf import load_hf_checkpoint
+from prepare_data import DataError, load_tokenizer
+
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 device_type = device.split(':')[0]
-if device_type == 'cuda' and not torch.cuda.is_available():
-    fail("device is cuda but torch sees no CUDA GPU: use --device=cpu")
+check_device_present(device)
 if dtype == 'auto':
     dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    fail(f"dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 torch.manual_seed(seed)
@@ -101,12 +118,6 @@ if verify:
         print("PASS")
 
 # generate -----------------------------------------------------------------------
-if start.startswith('FILE:'):
-    try:
-        with open(start[5:], encoding='utf-8') as f:
-            start = f.read()
-    except OSError:
-        fail(f"prompt file not found: {start[5:]}")
 try:
     start_ids = encode(start)
 except DataError as e:

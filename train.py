@@ -10,7 +10,10 @@ Several GPUs of one node with DDP (launch with torchrun):
 
 The settings below are the defaults; a config file reassigns some of them and --key=value
 overrides single ones (configurator.py). Checkpoints go to out_dir/ckpt.pt, the log of
-every logged iteration and evaluation to out_dir/train_log.jsonl.
+every logged iteration and evaluation to out_dir/train_log.jsonl. A new run never starts in an
+out_dir that holds either (resume it, or choose another); a resumed one drops the records logged
+after its checkpoint (a crashed run's tail), which it writes again. A run whose loss or gradient
+norm becomes inf or nan stops with one line (exit code 2) and never saves those weights.
 """
 
 import json
@@ -20,15 +23,8 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-import prepare_data
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from configurator import configure, fail, settings_of
-from hf import check_finetuning_data, load_hf_checkpoint
-from model import GPT, QUANT_MODES, GPTConfig, device_peak_flops
+from configurator import (check, check_choice, check_device, check_device_present, check_floats, check_ints,
+                          check_optional_bools, configure, fail, settings_of)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -100,29 +96,53 @@ config_keys = list(settings_of(globals()))
 configure(globals(), sys.argv[1:])
 config = {k: globals()[k] for k in config_keys}  # saved in the checkpoint and sent to wandb
 
-if quant not in QUANT_MODES:
-    fail(f"quant must be one of {', '.join(QUANT_MODES)}, got '{quant}'")
-if lr_schedule not in ('cosine', 'two_stage'):
-    fail(f"lr_schedule must be 'cosine' or 'two_stage', got '{lr_schedule}'")
-if init_from not in ('scratch', 'resume') and not init_from.startswith('hf:'):
-    fail(f"init_from must be 'scratch', 'resume' or 'hf:DIR', got '{init_from}'")
-if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
-    fail(f"dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
-if not 0.0 <= ema_decay < 1.0:
-    fail(f"ema_decay must be in [0, 1) (0: no moving average; e.g. 0.999), got {ema_decay}")
-if min(eval_interval, log_interval, eval_iters, batch_size, block_size, gradient_accumulation_steps) < 1:
-    fail("eval_interval, log_interval, eval_iters, batch_size, block_size and gradient_accumulation_steps must be >= 1")
+# every setting's range, and what out_dir holds, checked before torch is imported (2 s) or a file is touched
+check_choice(globals(), 'quant', ('b1.58', 'b1', 'none'))   # model.QUANT_MODES
+check_choice(globals(), 'lr_schedule', ('cosine', 'two_stage'))
+check(init_from in ('scratch', 'resume') or init_from.startswith('hf:'),
+      f"init_from must be 'scratch', 'resume' or 'hf:DIR', got '{init_from}'")
+check_choice(globals(), 'dtype', ('auto', 'float32', 'bfloat16', 'float16'))
+check_choice(globals(), 'backend', ('nccl', 'gloo'))
+check_device(device)
+check_ints(globals(), 'eval_interval log_interval eval_iters batch_size block_size gradient_accumulation_steps '
+                      'n_layer n_head n_embd', 1)
+check_ints(globals(), 'n_kv_head intermediate_size', 1, allow_none=True)
+check_ints(globals(), 'max_iters warmup_iters lr_decay_iters seed', 0)
+check_floats(globals(), 'learning_rate rope_theta', 0, low_open=True)
+check_floats(globals(), 'min_lr stage2_lr weight_decay grad_clip', 0)
+check_floats(globals(), 'beta1 beta2 dropout', 0, 1)
+check(2 <= act_bits <= 8, f"act_bits must be 2..8 (8: the b1.58 model; 4: W1.58A4), got {act_bits}")
+check(0.0 <= ema_decay < 1.0, f"ema_decay must be in [0, 1) (0: no moving average; e.g. 0.999), got {ema_decay}")
+check_optional_bools(globals(), 'compile cuda_graphs')
+check(n_embd % n_head == 0 and n_embd // n_head % 2 == 0, f"n_embd ({n_embd}) must be n_head ({n_head}) times an "
+      f"even head size (rotary embeddings turn pairs of numbers): change --n_embd or --n_head")
+check(n_kv_head is None or n_head % n_kv_head == 0, f"n_kv_head ({n_kv_head}) must divide n_head ({n_head})")
+check(not os.path.isfile(out_dir), f"--out_dir={out_dir} is a file: name a directory (a new one, or a run's to resume)")
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+log_path = os.path.join(out_dir, 'train_log.jsonl')
+if init_from != 'resume' and os.environ.get('RANK', '0') == '0':  # new weights never touch an existing run
+    check(not (eval_only and init_from == 'scratch' and os.path.exists(ckpt_path)),
+          f"--eval_only=True with init_from='scratch' would evaluate new random weights, not {ckpt_path}: "
+          f"add --init_from=resume to evaluate the checkpoint")
+    existing = [p for p in (ckpt_path, log_path) if os.path.exists(p)]
+    check(not existing, f"{existing[0] if existing else ''} exists and a new run would overwrite it: continue it with "
+                        f"--init_from=resume, or choose another --out_dir, or delete it")
+
+# torch and the model, after the settings are checked ----------------------------
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import prepare_data
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from hf import check_finetuning_data, load_hf_checkpoint
+from model import GPT, GPTConfig, device_peak_flops
 
 # devices, DDP, precision -----------------------------------------------------
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 device_type = device.split(':')[0]
-if device_type not in ('cpu', 'cuda', 'mps'):
-    fail(f"device must be auto, cpu, cuda[:N] or mps, got '{device}'")
-if device_type == 'cuda' and not torch.cuda.is_available():
-    fail("device is cuda but torch sees no CUDA GPU: use --device=cpu (or mps on a Mac)")
-if device_type == 'mps' and not torch.backends.mps.is_available():
-    fail("device is mps but this torch has no MPS support: use --device=cpu")
+check_device_present(device)
 ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun?
 if ddp:
     from torch.distributed import barrier, destroy_process_group, init_process_group
@@ -140,7 +160,6 @@ if ddp:
 else:
     ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
 master_process = ddp_rank == 0  # logs, evaluates and checkpoints
-tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 
 if dtype == 'auto':
     dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
@@ -170,11 +189,13 @@ if not all(os.path.exists(os.path.join(data_path, f)) for f in ('train.bin', 'va
         try:
             prepare_data.prepare(dataset, data_dir=data_dir)
         except prepare_data.DataError as e:
-            fail(f"{e} (then: python prepare_data.py {dataset} --input=PATH)")
+            fail(str(e))
     if ddp:
         barrier()
 with open(os.path.join(data_path, 'meta.json')) as f:
     meta = json.load(f)
+split_tokens = {split: os.path.getsize(os.path.join(data_path, f'{split}.bin')) // np.dtype(meta['dtype']).itemsize
+                for split in ('train', 'val')}
 TRAIN, EVAL = 0, 1  # purposes of random draws
 
 
@@ -200,22 +221,16 @@ model_args = dict(block_size=block_size, vocab_size=meta['vocab_size'], n_layer=
                   n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size, dropout=dropout,
                   quant=quant, tie_embeddings=tie_embeddings, rope_theta=rope_theta, act_bits=act_bits, bias=bias,
                   before_nonlinear=before_nonlinear)
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 iter_num, best_val_loss, best_iter = 0, float('inf'), 0
 wandb_run_id = None  # a resumed run logs on in the wandb run its checkpoint names
 torch.manual_seed(seed)  # the same initial weights on every rank
 if init_from == 'scratch':
-    if master_process and os.path.exists(ckpt_path) and not eval_only:
-        fail(f"{ckpt_path} exists and a new run would overwrite it: continue it with --init_from=resume, "
-             f"or choose another --out_dir, or delete it")
     try:
         model = GPT(GPTConfig(**model_args))
     except ValueError as e:
         fail(str(e))
     checkpoint = None
 elif init_from.startswith('hf:'):  # a new run from a transformers directory's weights, in its vocabulary
-    if master_process and os.path.exists(ckpt_path) and not eval_only:
-        fail(f"{ckpt_path} exists and a new run would overwrite it: choose another --out_dir, or delete it")
     try:
         checkpoint = load_hf_checkpoint(init_from[3:])
         check_finetuning_data(checkpoint, meta, block_size, init_from, data_path)
@@ -235,6 +250,8 @@ else:
         if changed and master_process:
             print(f"resuming with the checkpoint's {', '.join(changed)} (not the settings')")
         model_args = {**checkpoint['model_args'], 'dropout': dropout}
+        config.update({k: model_args[k] for k in changed if k in config})
+        block_size = model_args['block_size']  # the length of get_batch's windows too
         # with a moving average, 'model' is the average and 'train_model' the weights being trained
         trained = {**checkpoint, 'model': checkpoint['train_model']} if 'train_model' in checkpoint else checkpoint
         model = model_from_checkpoint(trained, ckpt_path, dropout=dropout)
@@ -243,6 +260,11 @@ else:
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     best_iter = checkpoint.get('best_iter', iter_num)
     wandb_run_id = checkpoint.get('wandb_run_id')
+for split, n in split_tokens.items():  # checked here, before an evaluation runs on a split that is too short
+    if n <= block_size:
+        fail(f"{data_path}/{split}.bin has {n} tokens, fewer than block_size + 1 ({block_size + 1}): "
+             f"use --block_size={n - 1} or less, or prepare more text")
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 model.to(device)
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if checkpoint is not None:
@@ -328,7 +350,27 @@ def get_weight_decay(it):
 # logging --------------------------------------------------------------------------
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
-    log_file = open(os.path.join(out_dir, 'train_log.jsonl'), 'a' if init_from == 'resume' else 'w')
+    if init_from == 'resume' and not eval_only and os.path.exists(log_path):
+        # records from the checkpoint's iteration on were written after it was saved (by a run that then
+        # crashed, or ended without a better evaluation): this run writes those iterations again, so they go
+        with open(log_path) as f:
+            lines = f.readlines()
+
+        def stale(i, line):
+            try:
+                return json.loads(line).get('iter', -1) >= iter_num
+            except (ValueError, AttributeError):
+                if i == len(lines) - 1:  # cut short by the crash
+                    return True
+                fail(f"{log_path} line {i + 1} is not a JSON record: mend or delete that line, then resume again")
+        keep = [line for i, line in enumerate(lines) if line.strip() and not stale(i, line)]
+        if len(keep) < len(lines):
+            with open(log_path + '.tmp', 'w') as f:
+                f.writelines(keep)
+            os.replace(log_path + '.tmp', log_path)
+            print(f"{log_path}: dropped {len(lines) - len(keep)} records from iteration {iter_num} on, written "
+                  f"after the checkpoint; this run writes them again")
+    log_file = open(log_path, 'a')  # a new run starts it (the checks above: no log is there), a resumed one adds
     n_params = raw_model.get_num_params()
     print(f"{n_params / 1e6:.2f}M parameters (non-embedding), quant={raw_model.config.quant}, "
           f"{device_name}, {dtype}, compile={compile}, cuda_graphs={cuda_graphs}, {ddp_world_size} process(es), "
@@ -352,6 +394,29 @@ def log(record):
         wandb.log(record, step=record['iter'])
 
 
+# the first iteration whose loss or gradient norm was inf or nan (-1: none yet), kept on the device and
+# read only where the loop syncs anyway (logging, evaluation), so the check costs no step any time
+nonfinite_at = torch.tensor(-1, device=device)
+
+
+def stop_diverged(what, it):
+    """Exit with one line: what became inf or nan at iteration it, the likely cause, and that no
+    checkpoint was written from such weights."""
+    cause = ("float16 overflowed: train in --dtype=bfloat16 (or float32)" if dtype == 'float16' else
+             f"the learning rate ({get_lr(it):.2e} there) is too high for this model: lower --learning_rate "
+             f"(or raise --warmup_iters)")
+    kept = f"{ckpt_path} was left as it was" if os.path.exists(ckpt_path) else "no checkpoint was written"
+    fail(f"{what} became inf or nan at iteration {it}: {cause}; {kept}")
+
+
+def stop_if_diverged():
+    """Stop if a loss or gradient norm since the last check was not finite: the weights are then not
+    finite either (or soon will not be), so nothing is evaluated or saved from them."""
+    it = nonfinite_at.item()
+    if it >= 0:
+        stop_diverged("the training loss (or its gradient norm)", it)
+
+
 # training loop ------------------------------------------------------------------
 pbar = tqdm(total=max_iters, initial=iter_num, unit='it', dynamic_ncols=True,
             disable=not (master_process and sys.stderr.isatty()))
@@ -364,13 +429,18 @@ while True:
         group['lr'] = lr
     optimizer.param_groups[0]['weight_decay'] = wd  # the decayed group (configure_optimizers)
 
-    if master_process and (iter_num % eval_interval == 0 or iter_num >= max_iters):
-        record = dict(iter=iter_num)
+    evaluate = iter_num % eval_interval == 0 or iter_num >= max_iters or local_iter == 0
+    if evaluate:
+        stop_if_diverged()  # every rank, so all of them stop
+    if master_process and evaluate:
+        record = dict(iter=iter_num, eval_only=True) if eval_only else dict(iter=iter_num)
         if ema is not None:  # the trained weights too, to show what averaging gains
             record['val_loss_trained_weights'] = estimate_loss(('val',))['val']
         with averaged_weights():
             losses = estimate_loss()
         record.update(train_loss=losses['train'], val_loss=losses['val'], lr=lr)
+        if not all(map(math.isfinite, losses.values())):
+            stop_diverged("the evaluation loss", iter_num)
         tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" +
                    (f" (moving average; the trained weights: val loss {record['val_loss_trained_weights']:.4f})"
                     if ema is not None else ""))
@@ -380,7 +450,10 @@ while True:
             improved = True
         else:
             improved = False
-        if (improved or always_save_checkpoint) and iter_num > 0 and not eval_only:
+        resumed_here = init_from == 'resume' and local_iter == 0  # the checkpoint holds these weights already
+        if (improved or always_save_checkpoint) and iter_num > 0 and not eval_only and not resumed_here:
+            if not all(torch.isfinite(w).all() for w in weights + (ema or [])):
+                stop_diverged("a weight", iter_num)
             state = raw_model.state_dict()
             weights_saved = dict(model=state) if ema is None else dict(model=dict(zip(state, ema)), train_model=state)
             save_checkpoint(dict(**weights_saved, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
@@ -402,9 +475,13 @@ while True:
             _, loss = model(X, Y)
             loss = loss / gradient_accumulation_steps  # the mean over micro-steps
         scaler.scale(loss).backward()
+    finite = torch.isfinite(loss.detach())
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if not scaler.is_enabled():  # float16's scaler skips a step with inf gradients itself, and tries a smaller scale
+            finite &= torch.isfinite(grad_norm)
+    nonfinite_at.masked_fill_(~finite & (nonfinite_at < 0), iter_num)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -412,6 +489,8 @@ while True:
         ema_update(ema, weights, iter_num)
 
     timed += 1
+    if iter_num % log_interval == 0:
+        stop_if_diverged()
     if master_process and iter_num % log_interval == 0:
         # a CPU-GPU sync point: the GPU has finished every iteration since t0. Timing the iterations
         # between two syncs, not the host's time for the last one, which can run ahead of the GPU

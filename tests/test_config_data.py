@@ -137,8 +137,22 @@ def test_prepare_data_cli_errors(tmp_path):
     r = run('prepare_data.py')
     assert r.returncode == 2 and 'name the dataset first' in r.stderr
     r = run('prepare_data.py', 'mine', f'--data_dir={tmp_path}')
-    assert r.returncode == 1 and "python prepare_data.py mine --input=PATH" in r.stderr
+    assert r.returncode == 2 and "python prepare_data.py mine --input=PATH" in r.stderr
     r = run('prepare_data.py', 'mine', '--input=/no/such/file.txt')
-    assert r.returncode == 1 and 'input file not found: /no/such/file.txt' in r.stderr
+    assert r.returncode == 2 and 'input file not found: /no/such/file.txt' in r.stderr
     r = run('prepare_data.py', 'mine', '--tokenizer=bpe')
-    assert r.returncode == 1 and "tokenizer must be one of" in r.stderr
+    assert r.returncode == 2 and "tokenizer must be one of" in r.stderr
+
+
+def test_prepare_replaces_another_dataset_only_when_told(tmp_path):
+    (tmp_path / 'a.txt').write_text('hello world\n' * 100)
+    (tmp_path / 'b.txt').write_text('goodbye moon\n' * 100)
+    prepare = lambda text, **kw: prepare_data.prepare('d', str(tmp_path / text), data_dir=str(tmp_path), **kw)
+    prepare('a.txt')
+    before = (tmp_path / 'd' / 'train.bin').read_bytes()
+    prepare('a.txt')                                   # the same dataset again: nothing changes
+    with pytest.raises(prepare_data.DataError, match=r"holds another prepared dataset \(train.bin differs.*--overwrite=True"):
+        prepare('b.txt')
+    assert (tmp_path / 'd' / 'train.bin').read_bytes() == before
+    meta = prepare('b.txt', overwrite=True)
+    assert json.load(open(tmp_path / 'd' / 'meta.json')) == meta and meta['chars'] == '\n bdegmnoy'

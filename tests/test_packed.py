@@ -1,3 +1,4 @@
+import io
 import math
 import os
 
@@ -174,6 +175,20 @@ def test_pack_refuses_what_it_cannot_pack(tmp_path, trained_ckpt):
     assert r.returncode == 2 and 'no checkpoint at' in r.stderr
     r = run('pack.py', f'--out_dir={trained_ckpt}', f'--packed_path={trained_ckpt / "ckpt.pt"}')
     assert r.returncode == 2 and 'would replace its source' in r.stderr
+
+
+def test_pack_replaces_only_a_packed_file_unless_told(tmp_path, trained_ckpt):
+    dst = tmp_path / 'p.pt'
+    dst.write_text('my notes')
+    r = run('pack.py', f'--out_dir={trained_ckpt}', f'--packed_path={dst}')
+    assert r.returncode == 2 and 'pass --overwrite=True' in r.stderr and dst.read_text() == 'my notes'
+    assert run('pack.py', f'--out_dir={trained_ckpt}', f'--packed_path={dst}', '--overwrite=True').returncode == 0
+    first = dst.read_bytes()
+    assert first.startswith(b'PK')                    # a torch zip file now
+    r = run('pack.py', f'--out_dir={trained_ckpt}', f'--packed_path={dst}')   # an earlier packed file: replaced
+    assert r.returncode == 0, r.stderr
+    assert torch.equal(torch.load(dst, weights_only=True)['packed']['model.layers.0.mlp.up_proj.weight'],
+                       torch.load(io.BytesIO(first), weights_only=True)['packed']['model.layers.0.mlp.up_proj.weight'])
 
 
 def test_bench_runs_on_cpu_in_seconds():

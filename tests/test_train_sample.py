@@ -1,6 +1,8 @@
 import json
+import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -200,3 +202,93 @@ def test_train_prepares_a_missing_builtin_dataset_or_says_how(tmp_path):
             f'--out_dir={tmp_path / "out"}', '--eval_interval=1')
     assert r.returncode == 0, r.stderr
     assert os.path.exists(tmp_path / 'shakespeare_char' / 'train.bin')
+
+
+# -----------------------------------------------------------------------------
+# never damaging a run: evaluation, divergence, resuming with other settings, the log after a crash
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns('ckpt_packed.pt'))
+    return dst
+
+
+def test_eval_only_never_touches_a_run_it_does_not_evaluate(tmp_path, corpus_dir, trained_ckpt):
+    run_dir = copy_run(trained_ckpt, tmp_path / 'run')
+    log_before, ckpt_before = (run_dir / 'train_log.jsonl').read_bytes(), (run_dir / 'ckpt.pt').read_bytes()
+    r = train(corpus_dir, run_dir, '--eval_only=True')   # init_from='scratch': new random weights
+    assert r.returncode == 2 and r.stderr.count('\n') == 1
+    assert "would evaluate new random weights" in r.stderr and '--init_from=resume' in r.stderr
+    assert (run_dir / 'train_log.jsonl').read_bytes() == log_before
+    r = train(corpus_dir, run_dir, '--eval_only=True', '--init_from=resume', '--max_iters=60')
+    assert r.returncode == 0, r.stderr
+    log = read_log(run_dir)
+    assert log[:-1] == read_log(trained_ckpt)            # appended to, never truncated
+    last = [x for x in log[:-1] if 'val_loss' in x][-1]  # the checkpoint's own evaluation, the same batches
+    assert log[-1] == dict(last, eval_only=True, lr=log[-1]['lr'])   # lr: of this invocation's schedule
+    assert (run_dir / 'ckpt.pt').read_bytes() == ckpt_before
+
+
+def test_divergence_in_a_new_run_stops_it_without_a_checkpoint(tmp_path, corpus_dir):
+    r = train(corpus_dir, tmp_path / 'out', '--learning_rate=1e4', '--warmup_iters=0', '--max_iters=30',
+              '--eval_interval=10', '--log_interval=5')
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'Traceback' not in r.stderr
+    it = int(re.search(r'became inf or nan at iteration (\d+): the learning rate', r.stderr).group(1))
+    assert 0 < it < 5 and 'lower --learning_rate' in r.stderr and 'no checkpoint was written' in r.stderr
+    assert not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
+    assert max(x['iter'] for x in read_log(tmp_path / 'out')) <= 5   # stopped at the first log point
+
+
+def test_divergence_keeps_the_last_good_checkpoint_with_always_save(tmp_path, corpus_dir):
+    # two_stage: a sane first stage (iterations 0-3), then a learning rate of 1e4 from iteration 4
+    out = tmp_path / 'out'
+    r = train(corpus_dir, out, '--lr_schedule=two_stage', '--lr_decay_iters=8', '--warmup_iters=0',
+              '--stage2_lr=1e4', '--max_iters=8', '--eval_interval=1', '--log_interval=100',
+              '--always_save_checkpoint=True')
+    assert r.returncode == 2 and r.stderr.count('\n') == 1
+    it = int(re.search(r'at iteration (\d+)', r.stderr).group(1))
+    assert it >= 4 and f'{out}/ckpt.pt was left as it was' in r.stderr
+    ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    assert 1 <= ckpt['iter_num'] <= it   # saved before the first non-finite loss, never after
+    assert all(torch.isfinite(w).all() for w in ckpt['model'].values())
+    assert math.isfinite(ckpt['best_val_loss'])
+
+
+def test_divergence_after_resuming_keeps_the_checkpoint(tmp_path, corpus_dir, trained_ckpt):
+    run_dir = copy_run(trained_ckpt, tmp_path / 'run')
+    before = (run_dir / 'ckpt.pt').read_bytes()
+    r = train(corpus_dir, run_dir, '--init_from=resume', '--max_iters=80', '--lr_decay_iters=80',
+              '--learning_rate=1e4', '--warmup_iters=0', '--always_save_checkpoint=True', '--eval_interval=2')
+    assert r.returncode == 2 and r.stderr.count('\n') == 1
+    assert re.search(r'became inf or nan at iteration 6\d', r.stderr) and 'was left as it was' in r.stderr
+    assert (run_dir / 'ckpt.pt').read_bytes() == before
+
+
+def test_resume_uses_the_checkpoints_block_size(tmp_path, corpus_dir, trained_ckpt):
+    run_dir = copy_run(trained_ckpt, tmp_path / 'run')
+    r = train(corpus_dir, run_dir, '--init_from=resume', '--block_size=64', '--max_iters=62', '--eval_interval=2',
+              '--always_save_checkpoint=True')
+    assert r.returncode == 0, r.stderr
+    assert "resuming with the checkpoint's block_size" in r.stdout and '512 tokens per iteration' in r.stdout
+    ckpt = load_checkpoint(os.path.join(run_dir, 'ckpt.pt'))
+    assert ckpt['iter_num'] == 62 and ckpt['model_args']['block_size'] == 32 and ckpt['config']['block_size'] == 32
+
+
+def test_resume_after_a_crash_leaves_each_iteration_once_in_the_log(tmp_path, corpus_dir):
+    common = ['--log_interval=1', '--eval_interval=3', '--always_save_checkpoint=True', '--lr_decay_iters=6',
+              '--warmup_iters=1']
+    out = tmp_path / 'out'
+    assert train(corpus_dir, out, *common, '--max_iters=3').returncode == 0
+    at_3 = (out / 'ckpt.pt').read_bytes()
+    assert train(corpus_dir, out, *common, '--max_iters=6', '--init_from=resume').returncode == 0
+    strip = lambda log: [{k: v for k, v in x.items() if k not in ('dt_ms', 'mfu')} for x in log]
+    whole = strip(read_log(out))
+    assert [(x['iter'], 'val_loss' in x) for x in whole] == \
+        [(0, True)] + [(i, False) for i in range(3)] + [(3, True)] + [(i, False) for i in range(3, 6)] + [(6, True)]
+    # the crash: the run went on from the checkpoint at 3 and died writing iteration 5's record
+    (out / 'ckpt.pt').write_bytes(at_3)
+    with open(out / 'train_log.jsonl', 'a') as f:
+        f.write('{"iter": 5, "lo')
+    r = train(corpus_dir, out, *common, '--max_iters=6', '--init_from=resume')
+    assert r.returncode == 0, r.stderr
+    assert 'dropped 6 records from iteration 3 on' in r.stdout
+    assert strip(read_log(out)) == whole
