@@ -261,7 +261,8 @@ if fsdp:
     # after it, so a BitLinear's absmean scale is that of the whole tensor, as without FSDP. The
     # sharded weights, their gradients and Adam's state stay float32; with dtype bfloat16 the gathered
     # copies are bfloat16 (half the traffic; a latent weight rounded to bfloat16 can land on the other
-    # side of a ternary rounding boundary) and gradients are reduced in float32
+    # side of a ternary rounding boundary), so are the activations between blocks (autocast alone keeps
+    # the residual stream float32), and gradients are reduced in float32
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == 'bfloat16' else None,
                                   reduce_dtype=torch.float32)
