@@ -1,6 +1,6 @@
 """torchrun with 2 CPU processes (gloo): DDP and FSDP runs that end cleanly and equal the single
 process, resume across world sizes and between DDP and FSDP, eval_only, sample.py on the result;
-activation checkpointing; FSDP's gathered BitLinear weights. Run as a script under torchrun, this
+activation checkpointing; FSDP's gathered BitLinear weights; bench.py's wrappers. Run under torchrun, this
 file is the FSDP worker of test_fsdp_gathers_whole_weights_and_checkpointing_changes_nothing."""
 
 import json
@@ -149,6 +149,20 @@ def test_a_batch_the_ranks_cannot_share_is_an_error(tmp_path, corpus_dir):
     assert '--batch_size=14' in r.stderr
     r = single(f'--data_dir={corpus_dir}', '--dataset=tiny', f'--out_dir={tmp_path}', '--fsdp=True')
     assert r.returncode == 2 and 'torchrun --standalone --nproc_per_node=N' in r.stderr
+
+
+def test_bench_times_the_wrappers_under_torchrun():
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1',
+                        os.path.join(REPO, 'bench.py'), '--device=cpu', '--quants=b1.58', '--wrappers=none,ddp,fsdp',
+                        '--activation_checkpointing=False,True', '--n_layer=1', '--n_head=2', '--n_embd=32',
+                        '--block_size=16', '--batch_size=2', '--warmup=1', '--rounds=1', '--steps_per_round=2'],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [l.split('  ')[0].strip() for l in r.stdout.splitlines() if l.startswith('b1.58')]
+    assert rows == ['b1.58', 'b1.58 ac', 'b1.58 ddp', 'b1.58 ddp ac', 'b1.58 fsdp', 'b1.58 fsdp ac']
+    assert '1 process(es)' in r.stdout
+    r = run('bench.py', '--device=cpu', '--wrappers=fsdp')
+    assert r.returncode == 2 and 'torchrun --standalone --nproc_per_node=1 bench.py' in r.stderr
 
 
 def test_activation_checkpointing_changes_nothing():
