@@ -7,6 +7,16 @@ Training step (forward, backward, clip, AdamW step) for quant = none, b1.58, b1:
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=8   # GPT-2 small size
     python bench.py --device=cpu --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=12 --vocab_size=65
 
+The same step under DDP or FSDP2 (as train.py wraps the model) and with activation checkpointing,
+every combination of --quants x --wrappers x --activation_checkpointing, launched by torchrun
+(one process measures the wrappers' overhead; each of N processes reports its own step):
+
+    torchrun --standalone --nproc_per_node=1 bench.py --quants=b1.58 --wrappers=none,ddp,fsdp \
+        --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=8 --vocab_size=50257
+    python bench.py --quants=b1.58 --activation_checkpointing=False,True --n_layer=30 --n_head=20 --n_kv_head=5 \
+        --n_embd=2560 --intermediate_size=6912 --vocab_size=128256 --tie_embeddings=True --block_size=2048 --batch_size=4
+
+A variant that runs out of GPU memory is reported as such and the others go on.
 Warm-up steps are not counted (they include compilation); the timed steps of the variants are
 interleaved in rounds, so drift of the clock or the temperature hits all of them alike, and
 the median step time is reported. Peak memory is what a variant adds to the device's
@@ -31,6 +41,7 @@ bfloat16 and a bfloat16 matmul, for one layer's projections at the given shape, 
     python bench.py --mode=prefill --n_head=20 --n_kv_head=5 --n_embd=2560 --intermediate_size=6912
 """
 
+import os
 import statistics
 import sys
 import time
@@ -43,6 +54,9 @@ from configurator import (check, check_choice, check_device, check_device_presen
 mode = 'train'             # 'train': training step time; 'decode': batch-1 generation speed;
                            # 'prefill': the packed layer for many rows against unpack-then-matmul (CUDA)
 quants = 'none,b1.58,b1'   # train: variants to compare, the first one is the reference
+wrappers = 'none'          # train: 'none', 'ddp', 'fsdp', comma-separated: the model as it is, in DDP, or sharded by
+                           # FSDP2 as train.py does (these two under torchrun)
+activation_checkpointing = 'False'  # train: 'False', 'True' or 'False,True': recompute each block in the backward
 n_layer = 6
 n_head = 6
 n_kv_head = None
@@ -88,6 +102,15 @@ check(n_embd % n_head == 0 and n_embd // n_head % 2 == 0, f"n_embd ({n_embd}) mu
       f"even head size (rotary embeddings turn pairs of numbers): change --n_embd or --n_head")
 check(n_kv_head is None or n_head % n_kv_head == 0, f"n_kv_head ({n_kv_head}) must divide n_head ({n_head})")
 check(not packed_file or mode == 'decode', "packed_file is written by --mode=decode only: add it, or drop --packed_file")
+wrapper_list = wrappers.split(',')
+if any(w not in ('none', 'ddp', 'fsdp') for w in wrapper_list):
+    fail(f"wrappers must be a comma-separated list of none, ddp, fsdp, got '{wrappers}'")
+checkpointing_list = [{'False': False, 'True': True}.get(a) for a in activation_checkpointing.split(',')]
+if None in checkpointing_list:
+    fail(f"activation_checkpointing must be False, True or False,True, got '{activation_checkpointing}'")
+distributed = 'RANK' in os.environ  # under torchrun
+if wrapper_list != ['none'] and not distributed:
+    fail("wrappers ddp and fsdp need a process group: torchrun --standalone --nproc_per_node=1 bench.py ...")
 
 # torch and the model, after the settings are checked ----------------------------
 import torch
@@ -120,7 +143,14 @@ if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 cuda = device_type == 'cuda'
-
+rank = 0
+if distributed:
+    import torch.distributed as dist
+    rank = int(os.environ['RANK'])
+    if cuda:
+        device = f'cuda:{os.environ["LOCAL_RANK"]}'
+        torch.cuda.set_device(device)
+    dist.init_process_group('nccl' if cuda else 'gloo')
 
 
 def sync():
@@ -134,35 +164,59 @@ def bench_train():
     batches = [(torch.randint(vocab_size, (batch_size, block_size), device=device),
                 torch.randint(vocab_size, (batch_size, block_size), device=device)) for _ in range(4)]
     variants = {}
-    for quant in quant_list:
+    for quant, wrapper, checkpointing in [(q, w, a) for q in quant_list for w in wrapper_list for a in checkpointing_list]:
+        name = quant + ('' if wrapper == 'none' else f' {wrapper}') + (' ac' if checkpointing else '')
+        graphs = cuda_graphs and wrapper == 'none'  # a wrapper's hooks and collectives stay outside graphs
         if cuda:
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                           n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size, quant=quant)
-        raw = GPT(config).to(device)
-        optimizer = raw.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device_type)
-        model = torch.compile(raw, mode='reduce-overhead' if cuda_graphs else None) if compile else raw
+                           n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size, quant=quant,
+                           tie_embeddings=tie_embeddings, rope_theta=rope_theta)
+        try:
+            raw = GPT(config)  # built on the CPU, as train.py does: FSDP moves it to the GPU block by block
+            raw.activation_checkpointing = checkpointing
+            if wrapper == 'fsdp':
+                from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+                policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == 'bfloat16' else None,
+                                              reduce_dtype=torch.float32)
+                for block in raw.model.layers:
+                    fully_shard(block, mp_policy=policy)
+                fully_shard(raw, mp_policy=policy)
+            else:
+                raw.to(device)
+            optimizer = raw.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device_type)
+            model = torch.compile(raw, mode='reduce-overhead' if graphs else None) if compile else raw
+            if wrapper == 'ddp':
+                from torch.nn.parallel import DistributedDataParallel as DDP
+                model = DDP(model, device_ids=[torch.device(device).index] if cuda else None)
 
-        def step(model=model, optimizer=optimizer, i=[0]):
-            x, y = batches[i[0] % len(batches)]
-            i[0] += 1
-            with autocast:
-                _, loss = model(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        for _ in range(warmup):
-            step()
-        sync()
+            def step(model=model, optimizer=optimizer, i=[0]):
+                x, y = batches[i[0] % len(batches)]
+                i[0] += 1
+                with autocast:
+                    _, loss = model(x, y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for _ in range(warmup):
+                step()
+            sync()
+        except torch.cuda.OutOfMemoryError:
+            raw = model = optimizer = step = None
+            print(f"{name}: out of memory at batch {batch_size} x block {block_size}", file=sys.stderr)
+            variants[name] = None
+            continue
         peak = (torch.cuda.max_memory_allocated() - base) if cuda else None
-        variants[quant] = dict(step=step, raw=raw, times=[], peak=peak)
-        print(f"{quant}: built, compiled={compile}, cuda_graphs={cuda_graphs}, warmed up ({warmup} steps)", file=sys.stderr)
+        variants[name] = dict(step=step, raw=raw, times=[], peak=peak, graphs=graphs)
+        print(f"{name}: built, compiled={compile}, cuda_graphs={graphs}, warmed up ({warmup} steps)", file=sys.stderr)
 
     for r in range(rounds):
-        for quant, v in variants.items():
+        for v in variants.values():
+            if v is None:
+                continue
             if cuda:
                 events = [torch.cuda.Event(enable_timing=True) for _ in range(steps_per_round + 1)]
                 events[0].record()
@@ -178,24 +232,36 @@ def bench_train():
                     v['times'].append(time.perf_counter() - t0)
 
     if profile and cuda:
-        for quant, v in variants.items():
-            profile_kernels(v['step'], f"training step, quant={quant}", 3)
+        for name, v in variants.items():
+            if v is not None:
+                profile_kernels(v['step'], f"training step, {name}", 3)
+    if rank != 0:  # every rank timed its own steps; rank 0 reports
+        return
     peak_flops, device_name = device_peak_flops(device)
     tokens = batch_size * block_size
-    ref = statistics.median(variants[quant_list[0]]['times'])
-    first = variants[quant_list[0]]['raw']
+    measured = [v for v in variants.values() if v is not None]
+    if not measured:
+        fail(f"every variant ran out of memory at batch {batch_size} x block {block_size}: lower --batch_size")
+    ref_name = next(name for name, v in variants.items() if v is not None)
+    ref = statistics.median(variants[ref_name]['times'])
     print(f"device: {device_name}; torch {torch.__version__}; dtype {dtype}; compile {compile}; "
-          f"CUDA graphs {cuda_graphs}")
+          f"CUDA graphs {cuda_graphs} (without a wrapper){f'; {dist.get_world_size()} process(es)' if distributed else ''}")
     print(f"model: {n_layer} layers, {n_head} heads, {n_embd} wide, block {block_size}, batch {batch_size}, "
-          f"vocab {vocab_size}, {first.get_num_params() / 1e6:.1f}M non-embedding parameters; "
+          f"vocab {vocab_size}, {measured[0]['raw'].get_num_params() / 1e6:.1f}M non-embedding parameters; "
           f"median of {rounds * steps_per_round} timed steps after {warmup} warm-up steps")
-    print(f"{'quant':<7} {'step ms':>9} {'vs ' + quant_list[0]:>8} {'tokens/s':>11} {'MFU':>7} {'peak mem':>10}")
-    for quant, v in variants.items():
+    width = max(len(name) for name in variants)
+    print(f"{'variant':<{width}} {'step ms':>9} {'vs ' + ref_name:>{max(9, len(ref_name) + 4)}} {'tokens/s':>11} "
+          f"{'MFU':>7} {'peak mem':>10}")
+    for name, v in variants.items():
+        if v is None:
+            print(f"{name:<{width}} out of memory")
+            continue
         t = statistics.median(v['times'])
         mfu = v['raw'].estimate_mfu(tokens, block_size, t, peak_flops)
         mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else 'n/a'
         mem_text = f"{v['peak'] / 2**30:.2f} GiB" if v['peak'] is not None else 'n/a'
-        print(f"{quant:<7} {t * 1000:9.2f} {t / ref:7.3f}x {tokens / t:11,.0f} {mfu_text:>7} {mem_text:>10}")
+        print(f"{name:<{width}} {t * 1000:9.2f} {t / ref:{max(9, len(ref_name) + 4) - 1}.3f}x {tokens / t:11,.0f} "
+              f"{mfu_text:>7} {mem_text:>10}")
     if peak_flops:
         print(f"MFU against {peak_flops / 1e12:.0f} TFLOP/s, the dense bf16 peak of the {device_name} datasheet")
 
@@ -405,3 +471,5 @@ elif mode == 'decode':
     bench_decode()
 else:
     bench_prefill()
+if distributed:
+    dist.destroy_process_group()

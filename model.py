@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from bitlinear import BitLinear, BitLinear1b, BitLinearConfig, RMSNorm
 
@@ -236,6 +237,10 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
         self.register_buffer('rope_cos', cos, persistent=False)  # not in the state dict: derived
         self.register_buffer('rope_sin', sin, persistent=False)
+        # True: training keeps only each block's input and recomputes its activations in the backward
+        # pass (torch.utils.checkpoint): activation memory of one block instead of n_layer, for about
+        # one more forward pass of compute; the same losses and gradients
+        self.activation_checkpointing = False
         self.init_weights()
 
     @torch.no_grad()
@@ -284,8 +289,12 @@ class GPT(nn.Module):
         else:
             cos, sin = kv_cache.rope(self.rope_cos, self.rope_sin, T)
         x = self.drop(self.model.embed_tokens(idx))                      # (B, T, n_embd)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
         for block in self.model.layers:
-            x = block(x, cos, sin, kv_cache)
+            if recompute:   # non-reentrant: replays the block's dropout masks (saved RNG state)
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, kv_cache)
         x = self.model.norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)

@@ -4,9 +4,16 @@ Train a 1.58-bit GPT. One process on a CPU, a Mac or a GPU:
     python train.py config/shakespeare_char.py
     python train.py config/shakespeare_char.py --device=cpu --max_iters=200 --compile=False
 
-Several GPUs of one node with DDP (launch with torchrun):
+Several GPUs with torchrun: DDP (a full copy of the model on each), or FSDP with --fsdp=True
+(weights, gradients and optimizer state sharded over the ranks); on several nodes, the same
+command on each with --nnodes=2 --node_rank=K --rdzv-endpoint=HOST:PORT instead of --standalone:
 
-    torchrun --standalone --nproc_per_node=4 train.py config/shakespeare_char.py
+    torchrun --standalone --nproc_per_node=8 train.py config/shakespeare_char.py
+    torchrun --standalone --nproc_per_node=8 train.py config/shakespeare_char.py --fsdp=True
+
+batch_size and gradient_accumulation_steps describe the whole step, whatever the number of ranks:
+each of N ranks computes batch_size / N sequences of every micro-batch, so 1 or N ranks train on
+the same batches (with dropout, each rank draws its own masks).
 
 The settings below are the defaults; a config file reassigns some of them and --key=value
 overrides single ones (configurator.py). Checkpoints go to out_dir/ckpt.pt, the log of
@@ -43,8 +50,8 @@ wandb_run_name = 'run'
 # data
 dataset = 'shakespeare_char'   # data_dir/<dataset>/{train,val}.bin, meta.json (prepare_data.py)
 data_dir = 'data'
-gradient_accumulation_steps = 1  # micro-batches per optimizer step (over all DDP ranks)
-batch_size = 64            # sequences per micro-batch
+gradient_accumulation_steps = 1  # micro-batches per optimizer step (every rank computes its share of each)
+batch_size = 64            # sequences per micro-batch over all ranks: each of N ranks computes batch_size / N
 block_size = 256           # tokens per sequence
 # model
 n_layer = 6
@@ -90,7 +97,11 @@ cuda_graphs = None         # run the compiled forward and backward as CUDA graph
                            # step); None: on when compiling for one CUDA GPU (not under torchrun)
                            # with gradient_accumulation_steps = 1
 seed = 1337
-backend = 'nccl'           # DDP backend on CUDA ('gloo' is used on CPU)
+backend = 'nccl'           # torch.distributed backend on CUDA ('gloo' is used on CPU)
+fsdp = False               # under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2,
+                           # fully_shard per block, then the rest) instead of a full copy on each (DDP)
+activation_checkpointing = False  # keep only each block's input and recompute its activations in the backward
+                                  # pass: activation memory of about one block, for one more forward of compute
 # -----------------------------------------------------------------------------
 config_keys = list(settings_of(globals()))
 configure(globals(), sys.argv[1:])
@@ -143,34 +154,40 @@ if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 device_type = device.split(':')[0]
 check_device_present(device)
-ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun?
-if ddp:
-    from torch.distributed import barrier, destroy_process_group, init_process_group
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    ddp_rank, ddp_local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
-    ddp_world_size = int(os.environ['WORLD_SIZE'])
-    if device_type == 'cuda':
-        device = f'cuda:{ddp_local_rank}'
-        torch.cuda.set_device(device)
-    init_process_group(backend=backend if device_type == 'cuda' else 'gloo')
-    if gradient_accumulation_steps % ddp_world_size:
-        fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be a multiple of "
-             f"the number of processes ({ddp_world_size})")
-    gradient_accumulation_steps //= ddp_world_size
+distributed = 'RANK' in os.environ  # launched by torchrun: DDP, or FSDP with fsdp=True
+if distributed:
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
 else:
-    ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
-master_process = ddp_rank == 0  # logs, evaluates and checkpoints
-
+    rank, local_rank, world_size = 0, 0, 1
+master_process = rank == 0  # logs and writes the checkpoint
 if dtype == 'auto':
     dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+# checked before the ranks connect: every rank ends alike, none waits for another
 if dtype == 'float16' and device_type != 'cuda':
     fail("dtype float16 needs CUDA (it trains with a CUDA gradient scaler): use float32 or bfloat16")
+if batch_size % world_size:
+    fail(f"batch_size ({batch_size}) must be a multiple of the number of processes ({world_size}), which "
+         f"share every micro-batch: set --batch_size={max(batch_size // world_size, 1) * world_size} or run "
+         f"a number of processes that divides {batch_size}")
+if fsdp and not distributed:
+    fail("fsdp=True shards the model over torchrun's processes: "
+         "torchrun --standalone --nproc_per_node=N train.py ... (N=1 works too)")
+if fsdp and dtype == 'float16':  # the gradient scaler's inf check would see only this rank's shards
+    fail("fsdp=True trains in bfloat16 or float32, not float16: use --dtype=bfloat16")
+local_batch_size = batch_size // world_size  # this rank's sequences of every micro-batch
+if distributed:
+    import torch.distributed as dist
+    if device_type == 'cuda':
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend if device_type == 'cuda' else 'gloo')
+
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 scaler = torch.amp.GradScaler('cuda', enabled=(dtype == 'float16'))
 if compile is None:
     compile = device_type == 'cuda'
-graphs_possible = compile and device_type == 'cuda' and not ddp and gradient_accumulation_steps == 1
+graphs_possible = compile and device_type == 'cuda' and not distributed and gradient_accumulation_steps == 1
 if cuda_graphs is None:
     cuda_graphs = graphs_possible
 elif cuda_graphs and not graphs_possible:  # a graph's next run overwrites the gradients being accumulated
@@ -190,8 +207,8 @@ if not all(os.path.exists(os.path.join(data_path, f)) for f in ('train.bin', 'va
             prepare_data.prepare(dataset, data_dir=data_dir)
         except prepare_data.DataError as e:
             fail(str(e))
-    if ddp:
-        barrier()
+    if distributed:
+        dist.barrier()
 with open(os.path.join(data_path, 'meta.json')) as f:
     meta = json.load(f)
 split_tokens = {split: os.path.getsize(os.path.join(data_path, f'{split}.bin')) // np.dtype(meta['dtype']).itemsize
@@ -200,15 +217,16 @@ TRAIN, EVAL = 0, 1  # purposes of random draws
 
 
 def get_batch(split, purpose, *key):
-    """A batch of batch_size random windows of split. Its randomness is a function of
-    (seed, purpose, key) alone: training draws use (rank, iter, micro_step), evaluations a
-    fixed set per split, so a resumed run sees the same batches as an uninterrupted one."""
+    """This rank's local_batch_size rows (from rank * local_batch_size on) of a batch of batch_size
+    random windows of split. The batch is a function of (seed, purpose, split, key) alone: training
+    draws use (iter, micro_step), evaluations a fixed set per split, so a resumed run sees the same
+    batches as an uninterrupted one, and N ranks together the batches of one process."""
     # recreate np.memmap every batch to avoid a memory leak (nanoGPT)
     data = np.memmap(os.path.join(data_path, f'{split}.bin'), dtype=meta['dtype'], mode='r')
     if len(data) <= block_size:
         fail(f"{data_path}/{split}.bin has {len(data)} tokens, fewer than block_size + 1 ({block_size + 1})")
-    rng = np.random.default_rng([seed, purpose, *key])
-    ix = rng.integers(0, len(data) - block_size, size=batch_size)
+    rng = np.random.default_rng([seed, purpose, ('train', 'val').index(split), *key])
+    ix = rng.integers(0, len(data) - block_size, size=batch_size)[rank * local_batch_size:(rank + 1) * local_batch_size]
     x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in ix]))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in ix]))
     if device_type == 'cuda':  # pinned memory lets the copy overlap with compute
@@ -240,8 +258,8 @@ elif init_from.startswith('hf:'):  # a new run from a transformers directory's w
         fail(str(e))
     checkpoint = None  # a new run: no optimizer state
 else:
-    try:
-        checkpoint = load_checkpoint(ckpt_path, map_location=device)
+    try:  # under FSDP every rank reads the whole file and keeps its shards
+        checkpoint = load_checkpoint(ckpt_path, map_location='cpu' if fsdp else device)
         if checkpoint.get('tokenizer') != meta:
             raise CheckpointError(f"{ckpt_path} was trained on another vocabulary than {data_path}: "
                                   f"resume it with its own --dataset")
@@ -264,30 +282,75 @@ for split, n in split_tokens.items():  # checked here, before an evaluation runs
     if n <= block_size:
         fail(f"{data_path}/{split}.bin has {n} tokens, fewer than block_size + 1 ({block_size + 1}): "
              f"use --block_size={n - 1} or less, or prepare more text")
-tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
-model.to(device)
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size  # block_size may be the checkpoint's
+model.activation_checkpointing = activation_checkpointing
+if fsdp:
+    # each block's weights are gathered whole just before its forward (and its backward) and freed
+    # after it, so a BitLinear's absmean scale is that of the whole tensor, as without FSDP. The
+    # sharded weights, their gradients and Adam's state stay float32; with dtype bfloat16 the gathered
+    # copies are bfloat16 (half the traffic; a latent weight rounded to bfloat16 can land on the other
+    # side of a ternary rounding boundary), so are the activations between blocks (autocast alone keeps
+    # the residual stream float32), and gradients are reduced in float32
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == 'bfloat16' else None,
+                                  reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=policy)  # moves the block to device, keeps this rank's shard
+    fully_shard(model, mp_policy=policy)      # the embedding, the final norm and lm_head
+else:
+    model.to(device)
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+
+# Checkpoints hold whole tensors whatever the sharding, and the optimizer's state keyed by position, as
+# optimizer.state_dict() writes it. torch.distributed.checkpoint's helpers gather FSDP's shards into
+# whole tensors (and shard them again on loading); they key the optimizer's state by parameter name.
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
+GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on rank 0's CPU ({} elsewhere)
+WHOLE = StateDictOptions(full_state_dict=True)                     # loading: every rank passes the whole tensors
+param_name = {p: n for n, p in model.named_parameters()}
+optimizer_names = [param_name[p] for group in optimizer.param_groups for p in group['params']]  # position -> name
+optimizer_positions = {n: i for i, n in enumerate(optimizer_names)}
+
+
+def rekey_optimizer_state(state_dict, key):
+    """An optimizer state dict with every parameter key k replaced by key[k] (name <-> position)."""
+    return dict(state={key[k]: v for k, v in state_dict['state'].items()},
+                param_groups=[{**group, 'params': [key[k] for k in group['params']]}
+                              for group in state_dict['param_groups']])
+
+
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint['optimizer'])
+    set_optimizer_state_dict(model, optimizer, rekey_optimizer_state(checkpoint['optimizer'], optimizer_names),
+                             options=WHOLE)
     scaler.load_state_dict(checkpoint['scaler'])
-# the moving average of the weights, kept by the process that evaluates: one tensor per state-dict
-# entry (all parameters), continued from a checkpoint that has one, else started at the weights
+# the moving average of the weights, kept by every rank for its part of the weights (all of them, or its
+# shards under FSDP): one tensor per state-dict entry (all parameters), continued from a checkpoint that
+# has one (loaded into the model to be split like the weights, then the trained weights again), else
+# started at the weights
 state = model.state_dict()
-weights = list(state.values())  # views of the parameters, updated in place by the optimizer
-ema = None
-if ema_decay > 0 and master_process:
+weights = [w.to_local() if isinstance(w, DTensor) else w for w in state.values()]  # views of the parameters,
+ema = None                                                                           # updated in place
+if ema_decay > 0:
     if checkpoint is not None and 'train_model' in checkpoint:
-        ema = [checkpoint['model'][k].to(device=device, dtype=w.dtype, copy=True) for k, w in state.items()]
+        set_model_state_dict(model, checkpoint['model'], options=WHOLE)
+        ema = [w.clone() for w in weights]
+        set_model_state_dict(model, checkpoint['train_model'], options=WHOLE)
     else:
         ema = [w.clone() for w in weights]
 # after each step: ema = ema_decay * ema + (1 - ema_decay) * weights, one lerp over all tensors
 ema_update = torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay)
 checkpoint = None  # free up memory
-raw_model = model  # what we save: no '_orig_mod.' (compile) or 'module.' (DDP) prefixes
+raw_model = model  # evaluated, and saved: no '_orig_mod.' (compile) or 'module.' (DDP) prefixes
 if compile:
     model = torch.compile(model, mode='reduce-overhead' if cuda_graphs else None)
-if ddp:
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
+if distributed and not fsdp:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+# evaluation runs the compiled model, never the DDP wrapper: DDP pairs every forward's buffer broadcast
+# and every backward's gradient reduction across the ranks, which evaluation must not join
+eval_model = model.module if distributed and not fsdp else model
 peak_flops, device_name = device_peak_flops(device)
 
 
@@ -312,18 +375,25 @@ def averaged_weights():
 
 @torch.no_grad()
 def estimate_loss(splits=('train', 'val')):
-    """Mean loss over eval_iters fixed batches of each split."""
+    """Mean loss over eval_iters fixed batches of each split. Every rank computes the loss of its
+    rows of each batch (the same number of forwards on every rank, as FSDP's gathers need); the
+    mean of the ranks' means is the mean over the batch."""
     out = {}
     model.eval()
     for split in splits:
-        losses = torch.zeros(eval_iters)
+        losses = torch.zeros(eval_iters, device=device)
         for k in tqdm(range(eval_iters), desc=f'eval {split}', unit='batch', leave=False, dynamic_ncols=True,
-                      disable=not sys.stderr.isatty()):
-            X, Y = get_batch(split, EVAL, 0 if split == 'train' else 1, k)
+                      disable=not (master_process and sys.stderr.isatty())):
+            X, Y = get_batch(split, EVAL, k)
             with autocast:
-                _, loss = model(X, Y)
-            losses[k] = loss.item()
+                _, loss = eval_model(X, Y)
+            losses[k] = loss
+        if distributed:
+            dist.all_reduce(losses)  # a sum: gloo has no average
+            losses /= world_size
         out[split] = losses.mean().item()
+    if fsdp:  # FSDP keeps the root's gathered weights after a forward for the backward that follows in
+        raw_model.reshard()  # training; none follows here, and the weights may change (averaged_weights)
     model.train()
     return out
 
@@ -373,7 +443,8 @@ if master_process:
     log_file = open(log_path, 'a')  # a new run starts it (the checks above: no log is there), a resumed one adds
     n_params = raw_model.get_num_params()
     print(f"{n_params / 1e6:.2f}M parameters (non-embedding), quant={raw_model.config.quant}, "
-          f"{device_name}, {dtype}, compile={compile}, cuda_graphs={cuda_graphs}, {ddp_world_size} process(es), "
+          f"{device_name}, {dtype}, compile={compile}, cuda_graphs={cuda_graphs}, {world_size} process(es)"
+          f"{' (FSDP)' if fsdp else ' (DDP)' if distributed else ''}, "
           f"{tokens_per_iter:,} tokens per iteration")
 if wandb_log and master_process:
     try:
@@ -412,6 +483,8 @@ def stop_diverged(what, it):
 def stop_if_diverged():
     """Stop if a loss or gradient norm since the last check was not finite: the weights are then not
     finite either (or soon will not be), so nothing is evaluated or saved from them."""
+    if distributed:  # a rank's own loss may be the one that diverged: all of them stop alike
+        dist.all_reduce(nonfinite_at, op=dist.ReduceOp.MAX)
     it = nonfinite_at.item()
     if it >= 0:
         stop_diverged("the training loss (or its gradient norm)", it)
@@ -430,9 +503,8 @@ while True:
     optimizer.param_groups[0]['weight_decay'] = wd  # the decayed group (configure_optimizers)
 
     evaluate = iter_num % eval_interval == 0 or iter_num >= max_iters or local_iter == 0
-    if evaluate:
-        stop_if_diverged()  # every rank, so all of them stop
-    if master_process and evaluate:
+    if evaluate:  # every rank: all of them stop alike, and each evaluates its share of the batches
+        stop_if_diverged()
         record = dict(iter=iter_num, eval_only=True) if eval_only else dict(iter=iter_num)
         if ema is not None:  # the trained weights too, to show what averaging gains
             record['val_loss_trained_weights'] = estimate_loss(('val',))['val']
@@ -441,41 +513,57 @@ while True:
         record.update(train_loss=losses['train'], val_loss=losses['val'], lr=lr)
         if not all(map(math.isfinite, losses.values())):
             stop_diverged("the evaluation loss", iter_num)
-        tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" +
-                   (f" (moving average; the trained weights: val loss {record['val_loss_trained_weights']:.4f})"
-                    if ema is not None else ""))
-        log(record)
-        if losses['val'] < best_val_loss:
+        if master_process:
+            tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" +
+                       (f" (moving average; the trained weights: val loss {record['val_loss_trained_weights']:.4f})"
+                        if ema is not None else ""))
+            log(record)
+        if losses['val'] < best_val_loss:  # the same decision on every rank: all-reduced losses are equal
             best_val_loss, best_iter = losses['val'], iter_num
             improved = True
         else:
             improved = False
         resumed_here = init_from == 'resume' and local_iter == 0  # the checkpoint holds these weights already
         if (improved or always_save_checkpoint) and iter_num > 0 and not eval_only and not resumed_here:
-            if not all(torch.isfinite(w).all() for w in weights + (ema or [])):
+            finite = torch.tensor(float(all(torch.isfinite(w).all() for w in weights + (ema or []))), device=device)
+            if distributed:  # each rank holds its part of the weights (FSDP): all of them decide together
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not finite.item():
                 stop_diverged("a weight", iter_num)
-            state = raw_model.state_dict()
-            weights_saved = dict(model=state) if ema is None else dict(model=dict(zip(state, ema)), train_model=state)
-            save_checkpoint(dict(**weights_saved, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                                 model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss,
-                                 best_iter=best_iter, config=config, tokenizer=meta, wandb_run_id=wandb_run_id),
-                            ckpt_path)
-            tqdm.write(f"saved checkpoint to {ckpt_path}")
+            # gathered by every rank (FSDP's shards travel), written by rank 0 while the others wait
+            weights_saved = dict(model=get_model_state_dict(raw_model, options=GATHER))
+            if ema is not None:  # copied: on a CPU the gathered tensors can be the parameters themselves
+                with averaged_weights():
+                    average = {k: w.clone() for k, w in get_model_state_dict(raw_model, options=GATHER).items()}
+                weights_saved = dict(model=average, train_model=weights_saved['model'])
+            optimizer_state = get_optimizer_state_dict(raw_model, optimizer, options=GATHER)
+            if master_process:
+                save_checkpoint(dict(**weights_saved, optimizer=rekey_optimizer_state(optimizer_state, optimizer_positions),
+                                     scaler=scaler.state_dict(), model_args=model_args, iter_num=iter_num,
+                                     best_val_loss=best_val_loss, best_iter=best_iter, config=config, tokenizer=meta,
+                                     wandb_run_id=wandb_run_id),
+                                ckpt_path)
+                tqdm.write(f"saved checkpoint to {ckpt_path}")
+            if distributed:
+                dist.barrier()
         t0, timed = time.time(), 0  # evaluation time is not training time
     if iter_num >= max_iters or eval_only:
         break
 
-    # dropout draws from the global generator: seed it per iteration (see get_batch)
-    torch.manual_seed(seed + 1_000_003 * ddp_rank + iter_num)
+    # dropout draws from the global generator: seed it per iteration and rank (see get_batch)
+    torch.manual_seed(seed + 1_000_003 * rank + iter_num)
+    train_loss = 0.0  # this rank's mean loss over the micro-batches
     for micro_step in range(gradient_accumulation_steps):
-        if ddp:  # sync gradients on the last micro-step only
+        if distributed and not fsdp:  # DDP: sync gradients on the last micro-step only (FSDP reduces
+            # every micro-step's gradients into its shards: unsharded ones would take the memory it saves)
             model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
-        X, Y = get_batch('train', TRAIN, ddp_rank, iter_num, micro_step)
+        X, Y = get_batch('train', TRAIN, iter_num, micro_step)
         with autocast:
             _, loss = model(X, Y)
             loss = loss / gradient_accumulation_steps  # the mean over micro-steps
         scaler.scale(loss).backward()
-    finite = torch.isfinite(loss.detach())
+        train_loss = train_loss + loss.detach()
+    finite = torch.isfinite(train_loss)
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -491,14 +579,17 @@ while True:
     timed += 1
     if iter_num % log_interval == 0:
         stop_if_diverged()
+    if distributed and iter_num % log_interval == 0:  # the mean over all ranks, on every rank
+        dist.all_reduce(train_loss)
+        train_loss /= world_size
     if master_process and iter_num % log_interval == 0:
         # a CPU-GPU sync point: the GPU has finished every iteration since t0. Timing the iterations
         # between two syncs, not the host's time for the last one, which can run ahead of the GPU
         # (CUDA graphs) or wait for a backlog
-        lossf = loss.item() * gradient_accumulation_steps
+        lossf = train_loss.item()
         t1 = time.time()
         dt, t0, timed = (t1 - t0) / timed, t1, 0
-        mfu = raw_model.estimate_mfu(tokens_per_iter, block_size, dt, peak_flops)
+        mfu = raw_model.estimate_mfu(tokens_per_iter // world_size, block_size, dt, peak_flops)  # one GPU's
         if mfu is not None and local_iter >= 5:
             running_mfu = mfu if running_mfu is None else 0.9 * running_mfu + 0.1 * mfu
         mfu_text = f", mfu {running_mfu * 100:.1f}%" if running_mfu is not None else ""
@@ -514,5 +605,5 @@ if master_process:
     log_file.close()
     if wandb_log:
         wandb.finish()
-if ddp:
-    destroy_process_group()
+if distributed:
+    dist.destroy_process_group()
