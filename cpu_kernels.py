@@ -1,0 +1,70 @@
+"""
+The CPU kernel of the packed ternary layer: csrc/ternary_cpu.cpp, a small C++ extension compiled
+at its first use through torch.utils.cpp_extension (about a minute; needs a C++ compiler and
+ninja) and cached in .build/ under the repo, then registered for bitnet::packed_linear on the CPU.
+
+What it computes is ops.packed_linear_reference, bit for bit: the same RMSNorm (through ATen),
+the same int8 activations, the exact integer product, the same float32 rescale and epilogue.
+How: int8 activations against the 2-bit codes of packed.py's layout as they are (no unpacking,
+no per-call work that depends on the weights), four output rows per pass over a packed row,
+AVX-512 VNNI / AVX2 / NEON / scalar chosen at compile time (-march=native), threads over the
+packed rows (at::parallel_for, torch's thread count), prefill rows four at a time per pass.
+
+Where the build fails (no compiler), one line on stderr says so and the op keeps its
+pure-PyTorch reference. `enabled = False` (sample.py --cpu_kernel=False) forces the reference.
+"""
+
+import os
+import platform
+import sys
+
+import torch
+
+from ops import packed_linear, packed_linear_reference
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(REPO, 'csrc', 'ternary_cpu.cpp')
+BUILD_DIR = os.path.join(REPO, '.build', 'ternary_cpu')   # .gitignored
+enabled = True   # False: every CPU call takes ops.packed_linear_reference
+_ext = None      # the built module once loaded; False once a build failed
+
+
+def build():
+    """Compile (or load the cached build of) csrc/ternary_cpu.cpp -> the Python module."""
+    from torch.utils.cpp_extension import load
+    arm = platform.machine().lower() in ('arm64', 'aarch64')
+    flags = ['-O3', '-mcpu=native' if arm else '-march=native', '-ffp-contract=off']  # no FMA the reference lacks
+    openmp = [] if sys.platform == 'darwin' else ['-fopenmp']   # at::parallel_for's threads (Apple clang has none)
+    os.makedirs(BUILD_DIR, exist_ok=True)
+    built = os.path.join(BUILD_DIR, 'ternary_cpu.so')
+    if not os.path.exists(built) or os.path.getmtime(built) < os.path.getmtime(SOURCE):
+        print("compiling csrc/ternary_cpu.cpp, the CPU kernel (once; about a minute)", file=sys.stderr)
+    return load(name='ternary_cpu', sources=[SOURCE], extra_cflags=flags + openmp, extra_ldflags=openmp,
+                build_directory=BUILD_DIR, verbose=False)
+
+
+def extension():
+    """The compiled kernels, built at the first call; None where the build failed (said once)."""
+    global _ext
+    if _ext is None:
+        try:
+            _ext = build()
+        except Exception as e:   # no compiler, no ninja, a compile error: the reference still runs
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            print(f"note: the CPU ternary kernel could not be built ({reason}); "
+                  f"packed layers use the pure-PyTorch path", file=sys.stderr)
+            _ext = False
+    return _ext or None
+
+
+def available():
+    """Whether CPU packed layers run the compiled kernel (builds it if needed)."""
+    return enabled and extension() is not None
+
+
+@packed_linear.register_kernel('cpu')
+def _(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps):
+    ext = extension() if enabled else None
+    if ext is None:
+        return packed_linear_reference(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps)
+    return ext.packed_linear(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps)
