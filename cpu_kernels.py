@@ -12,6 +12,10 @@ packed rows (at::parallel_for, torch's thread count), prefill rows four at a tim
 
 Where the build fails (no compiler), one line on stderr says so and the op keeps its
 pure-PyTorch reference. `enabled = False` (sample.py --cpu_kernel=False) forces the reference.
+
+The lm_head stays full precision, and is the largest matrix a small model reads per token
+(vocab x n_embd, 154 MB in float32 for GPT-2's vocabulary at 768 wide): half_head gives a
+decoding model a float16 copy of it (HalfLinear, float32 sums), half the bytes per token.
 """
 
 import os
@@ -19,6 +23,8 @@ import platform
 import sys
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from ops import packed_linear, packed_linear_reference
 
@@ -68,3 +74,25 @@ def _(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps):
     if ext is None:
         return packed_linear_reference(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps)
     return ext.packed_linear(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps)
+
+
+class HalfLinear(nn.Module):
+    """y = x @ W^T with W (out, in) held in float16 and the sums in float32 (linear_f16 of the
+    extension; F.linear in float32 where it did not build); y in x's dtype."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.register_buffer('weight_f16', weight.detach().to(torch.float16))
+
+    def forward(self, x):
+        ext = extension() if enabled else None
+        x2 = x.reshape(-1, x.size(-1))
+        y = ext.linear_f16(x2, self.weight_f16) if ext is not None else F.linear(x2.float(), self.weight_f16.float())
+        return y.view(*x.shape[:-1], -1).to(x.dtype)
+
+
+def half_head(model):
+    """A GPT for decoding on the CPU: its lm_head becomes a HalfLinear (float16 copy of the weight;
+    a tied embedding keeps the float32 tensor, of which a lookup reads only the used rows)."""
+    model.lm_head = HalfLinear(model.lm_head.weight)
+    return model

@@ -1,5 +1,5 @@
 // The CPU kernels of the packed ternary layer (ops.packed_linear_reference computes the same
-// thing, bit for bit) and of a bfloat16-weight linear for the lm_head. Built at first use by
+// thing, bit for bit) and of a float16-weight linear for the lm_head. Built at first use by
 // cpu_kernels.py through torch.utils.cpp_extension with -march=native, so the instruction set
 // paths below are chosen at compile time for the machine that runs them:
 //   AVX-512 VNNI  vpdpbusd: 64 unsigned 2-bit codes x 64 int8 activations -> 16 int32 sums
@@ -220,57 +220,47 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor norm_weight, torch::T
   return dtype == torch::kFloat ? out : out.to(dtype);
 }
 
-// y (M, N) float32 = x (M, K) float32 @ w (N, K)^T with bfloat16 weights, accumulated in float32
-// (a bfloat16 value is the top half of a float32: widening it is a 16-bit shift).
-torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && x.size(1) == w.size(1),
-              "linear_bf16: x (M, K) and bfloat16 w (N, K)");
+// y (M, N) float32 = x (M, K) float32 @ w (N, K)^T with float16 weights (the lm_head),
+// accumulated in float32: each weight is widened exactly (F16C / NEON vcvt), never x rounded.
+torch::Tensor linear_f16(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.scalar_type() == torch::kHalf && x.size(1) == w.size(1),
+              "linear_f16: x (M, K) and float16 w (N, K)");
   auto xf = x.to(torch::kFloat).contiguous();
   auto wc = w.contiguous();
   const int64_t M = xf.size(0), K = xf.size(1), N = wc.size(0);
   auto out = torch::empty({M, N}, xf.options());
   const float* xp = xf.data_ptr<float>();
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
+  const at::Half* wp = wc.data_ptr<at::Half>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; n++) {
-      const uint16_t* row = wp + n * K;
+      const at::Half* row = wp + n * K;
       for (int64_t m = 0; m < M; m++) {
         const float* xr = xp + m * K;
         int64_t k = 0;
         float s = 0.0f;
 #if defined(__AVX512F__)
         __m512 a = _mm512_setzero_ps();
-        for (; k + 16 <= K; k += 16) {
-          const __m512i wi = _mm512_slli_epi32(
-              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k))), 16);
-          a = _mm512_fmadd_ps(_mm512_castsi512_ps(wi), _mm512_loadu_ps(xr + k), a);
-        }
+        for (; k + 16 <= K; k += 16)
+          a = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k))),
+                              _mm512_loadu_ps(xr + k), a);
         s = _mm512_reduce_add_ps(a);
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
         __m256 a = _mm256_setzero_ps();
-        for (; k + 8 <= K; k += 8) {
-          const __m256i wi = _mm256_slli_epi32(
-              _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k))), 16);
-          a = _mm256_fmadd_ps(_mm256_castsi256_ps(wi), _mm256_loadu_ps(xr + k), a);
-        }
+        for (; k + 8 <= K; k += 8)
+          a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k))),
+                              _mm256_loadu_ps(xr + k), a);
         float t[8];
         _mm256_storeu_ps(t, a);
         for (int i = 0; i < 8; i++) s += t[i];
-#elif defined(__ARM_NEON)
+#elif defined(__ARM_NEON) && defined(__aarch64__)
         float32x4_t a = vdupq_n_f32(0.0f);
-        for (; k + 4 <= K; k += 4) {
-          const float32x4_t wv = vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(row + k), 16));
-          a = vfmaq_f32(a, wv, vld1q_f32(xr + k));
-        }
+        for (; k + 4 <= K; k += 4)
+          a = vfmaq_f32(a, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(reinterpret_cast<const uint16_t*>(row + k)))),
+                        vld1q_f32(xr + k));
         s = vaddvq_f32(a);
 #endif
-        for (; k < K; k++) {
-          uint32_t bits = static_cast<uint32_t>(row[k]) << 16;
-          float wv;
-          std::memcpy(&wv, &bits, sizeof(wv));
-          s += wv * xr[k];
-        }
+        for (; k < K; k++) s += static_cast<float>(row[k]) * xr[k];
         op[m * N + n] = s;
       }
     }
@@ -295,6 +285,6 @@ std::string isa() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_linear", &packed_linear, "the packed ternary layer (ops.packed_linear_reference)");
-  m.def("linear_bf16", &linear_bf16, "x float32 @ w^T with bfloat16 weights, float32 sums");
+  m.def("linear_f16", &linear_f16, "x float32 @ w^T with float16 weights, float32 sums");
   m.def("isa", &isa, "the vector instructions this build uses");
 }
