@@ -112,3 +112,38 @@ def test_bf16_linear(ext):
     ref = (x.double() @ w.double().t()).float()
     assert y.shape == (3, 301) and y.dtype == torch.float32
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-5)
+
+
+def test_half_head(ext, monkeypatch):
+    """half_head: the lm_head reads a float16 copy (float32 sums), the tied embedding keeps its float32
+    tensor; the kernel and the fallback (F.linear on the widened weights) agree."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=300, n_layer=1, n_head=2, n_embd=40, tie_embeddings=True)).eval()
+    embed = model.model.embed_tokens.weight
+    x = torch.randn(2, 3, 40)
+    cpu_kernels.half_head(model)
+    assert model.model.embed_tokens.weight is embed and embed.dtype == torch.float32
+    w16 = model.lm_head.weight_f16
+    assert w16.dtype == torch.float16 and torch.equal(w16, embed.detach().half())
+    y = model.lm_head(x)
+    expected = (x.double() @ w16.double().t()).float()
+    assert y.shape == (2, 3, 300) and y.dtype == torch.float32
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-5)
+    monkeypatch.setattr(cpu_kernels, 'enabled', False)
+    torch.testing.assert_close(model.lm_head(x), expected, rtol=0, atol=1e-5)
+
+
+def test_sample_uses_the_kernel_and_can_be_told_not_to(tmp_path, trained_ckpt):
+    """sample.py on the CPU: the same greedy text with the kernel (default) and without it
+    (--cpu_kernel=False), the lm_head in float16 both times."""
+    from conftest import run
+    path = str(tmp_path / 'packed.pt')
+    assert run('pack.py', f'--out_dir={trained_ckpt}', f'--packed_path={path}').returncode == 0
+    args = (f'--ckpt_path={path}', '--num_samples=1', '--max_new_tokens=30', '--device=cpu', '--temperature=0',
+            '--start=ROMEO:', '--verify=False')
+    fast, slow = run('sample.py', *args), run('sample.py', *args, '--cpu_kernel=False')
+    assert fast.returncode == 0 and slow.returncode == 0, fast.stderr + slow.stderr
+    assert fast.stdout == slow.stdout and fast.stdout.startswith('ROMEO:')
+    bad = run('sample.py', *args, '--cpu_head=bfloat16')
+    assert bad.returncode == 2 and bad.stderr == "error: cpu_head must be float16 or float32, got 'bfloat16'\n"
