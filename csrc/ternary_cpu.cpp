@@ -32,111 +32,112 @@
 
 namespace {
 
-constexpr int MB = 4;  // activation rows per pass over a packed row (prefill reuses the codes)
-
-// acc[m * 4 + i] = sum_k code_i(w[k]) * x[m * xstride + k] for m < NM, i < 4: one packed row
-// (K bytes at w) against NM int8 activation rows.
-template <int NM>
-void codes_dot(const uint8_t* w, const int8_t* x, int64_t xstride, int64_t K, int32_t* acc) {
+// The four sums of one packed row (K bytes at w) against one int8 activation row x:
+// acc[i] = sum_k code_i(w[k]) * x[k], i = 0..3 (code_i: bit pair i). Accumulators are named
+// variables, not arrays, so that they stay in registers.
+void codes_dot1(const uint8_t* w, const int8_t* x, int64_t K, int32_t* acc) {
   int64_t k = 0;
-  int32_t s[NM][4] = {};
+  int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   {
-    __m512i a[NM][4];
-    for (int m = 0; m < NM; m++)
-      for (int i = 0; i < 4; i++) a[m][i] = _mm512_setzero_si512();
     const __m512i three = _mm512_set1_epi8(3);
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
     for (; k < K; k += 64) {
       const __mmask64 mask = K - k >= 64 ? ~0ULL : (1ULL << (K - k)) - 1;  // the tail, masked
       const __m512i p = _mm512_maskz_loadu_epi8(mask, w + k);
-      __m512i c[4];
-      c[0] = _mm512_and_si512(p, three);
-      c[1] = _mm512_and_si512(_mm512_srli_epi16(p, 2), three);
-      c[2] = _mm512_and_si512(_mm512_srli_epi16(p, 4), three);
-      c[3] = _mm512_and_si512(_mm512_srli_epi16(p, 6), three);
-      for (int m = 0; m < NM; m++) {
-        const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + m * xstride + k);
-        for (int i = 0; i < 4; i++) a[m][i] = _mm512_dpbusd_epi32(a[m][i], c[i], xv);
-      }
+      const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + k);
+      a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(p, three), xv);
+      a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(_mm512_srli_epi16(p, 2), three), xv);
+      a2 = _mm512_dpbusd_epi32(a2, _mm512_and_si512(_mm512_srli_epi16(p, 4), three), xv);
+      a3 = _mm512_dpbusd_epi32(a3, _mm512_and_si512(_mm512_srli_epi16(p, 6), three), xv);
     }
-    for (int m = 0; m < NM; m++)
-      for (int i = 0; i < 4; i++) s[m][i] = _mm512_reduce_add_epi32(a[m][i]);
+    s0 = _mm512_reduce_add_epi32(a0), s1 = _mm512_reduce_add_epi32(a1);
+    s2 = _mm512_reduce_add_epi32(a2), s3 = _mm512_reduce_add_epi32(a3);
   }
 #elif defined(__AVX2__)
   {
-    __m256i a[NM][4];
-    for (int m = 0; m < NM; m++)
-      for (int i = 0; i < 4; i++) a[m][i] = _mm256_setzero_si256();
-    const __m256i three = _mm256_set1_epi8(3);
-    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    // pairs of u8 x s8 products in int16 (|c0 x0 + c1 x1| <= 512, no saturation), then int32
+#define TERNARY_AVX2_DOT(a, c) a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(c, xv), ones))
     for (; k + 32 <= K; k += 32) {
       const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
-      __m256i c[4];
-      c[0] = _mm256_and_si256(p, three);
-      c[1] = _mm256_and_si256(_mm256_srli_epi16(p, 2), three);
-      c[2] = _mm256_and_si256(_mm256_srli_epi16(p, 4), three);
-      c[3] = _mm256_and_si256(_mm256_srli_epi16(p, 6), three);
-      for (int m = 0; m < NM; m++) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * xstride + k));
-        for (int i = 0; i < 4; i++)  // pairs of u8 x s8 products in int16 (|c0 x0 + c1 x1| <= 512), then int32
-          a[m][i] = _mm256_add_epi32(a[m][i], _mm256_madd_epi16(_mm256_maddubs_epi16(c[i], xv), ones));
-      }
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+      TERNARY_AVX2_DOT(a0, _mm256_and_si256(p, three));
+      TERNARY_AVX2_DOT(a1, _mm256_and_si256(_mm256_srli_epi16(p, 2), three));
+      TERNARY_AVX2_DOT(a2, _mm256_and_si256(_mm256_srli_epi16(p, 4), three));
+      TERNARY_AVX2_DOT(a3, _mm256_and_si256(_mm256_srli_epi16(p, 6), three));
     }
-    for (int m = 0; m < NM; m++)
-      for (int i = 0; i < 4; i++) {
-        const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(a[m][i]), _mm256_extracti128_si256(a[m][i], 1));
-        const __m128i q = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-        s[m][i] = _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1)));
-      }
+#undef TERNARY_AVX2_DOT
+    auto hsum = [](__m256i a) {
+      const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+      const __m128i q = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+      return _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1)));
+    };
+    s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
   }
-#elif defined(__ARM_NEON)
+#elif defined(__ARM_NEON) && defined(__aarch64__)
   {
-    int32x4_t a[NM][4];
-    for (int m = 0; m < NM; m++)
-      for (int i = 0; i < 4; i++) a[m][i] = vdupq_n_s32(0);
     const uint8x16_t three = vdupq_n_u8(3);
+    int32x4_t a0 = vdupq_n_s32(0), a1 = a0, a2 = a0, a3 = a0;
+#if defined(__ARM_FEATURE_DOTPROD)
+#define TERNARY_NEON_DOT(a, c) a = vdotq_s32(a, vreinterpretq_s8_u8(c), xv)
+#else  // widening products, pairs summed in int16 (|sum of 2| <= 512), then int32
+#define TERNARY_NEON_DOT(a, c) a = vpadalq_s16(a, vmlal_s8(vmull_s8(vget_low_s8(vreinterpretq_s8_u8(c)), \
+    vget_low_s8(xv)), vget_high_s8(vreinterpretq_s8_u8(c)), vget_high_s8(xv)))
+#endif
     for (; k + 16 <= K; k += 16) {
       const uint8x16_t p = vld1q_u8(w + k);
-      int8x16_t c[4];
-      c[0] = vreinterpretq_s8_u8(vandq_u8(p, three));
-      c[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(p, 2), three));
-      c[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(p, 4), three));
-      c[3] = vreinterpretq_s8_u8(vshrq_n_u8(p, 6));
-      for (int m = 0; m < NM; m++) {
-        const int8x16_t xv = vld1q_s8(x + m * xstride + k);
-        for (int i = 0; i < 4; i++) {
-#if defined(__ARM_FEATURE_DOTPROD)
-          a[m][i] = vdotq_s32(a[m][i], c[i], xv);
-#else
-          int16x8_t prod = vmull_s8(vget_low_s8(c[i]), vget_low_s8(xv));
-          prod = vmlal_s8(prod, vget_high_s8(c[i]), vget_high_s8(xv));   // |sum of 2| <= 512
-          a[m][i] = vpadalq_s16(a[m][i], prod);
-#endif
-        }
-      }
+      const int8x16_t xv = vld1q_s8(x + k);
+      TERNARY_NEON_DOT(a0, vandq_u8(p, three));
+      TERNARY_NEON_DOT(a1, vandq_u8(vshrq_n_u8(p, 2), three));
+      TERNARY_NEON_DOT(a2, vandq_u8(vshrq_n_u8(p, 4), three));
+      TERNARY_NEON_DOT(a3, vshrq_n_u8(p, 6));
     }
-    for (int m = 0; m < NM; m++)
-      for (int i = 0; i < 4; i++) s[m][i] = vaddvq_s32(a[m][i]);
+#undef TERNARY_NEON_DOT
+    s0 = vaddvq_s32(a0), s1 = vaddvq_s32(a1), s2 = vaddvq_s32(a2), s3 = vaddvq_s32(a3);
   }
 #endif
-  for (; k < K; k++) {  // the tail that the vector loop left (all of it without one)
-    const uint8_t p = w[k];
-    for (int m = 0; m < NM; m++) {
-      const int32_t xv = x[m * xstride + k];
-      for (int i = 0; i < 4; i++) s[m][i] += ((p >> (2 * i)) & 3) * xv;
-    }
+  for (; k < K; k++) {  // what the vector loop left (all of it without one)
+    const int32_t p = w[k], xv = x[k];
+    s0 += (p & 3) * xv, s1 += ((p >> 2) & 3) * xv, s2 += ((p >> 4) & 3) * xv, s3 += (p >> 6) * xv;
   }
-  for (int m = 0; m < NM; m++)
-    for (int i = 0; i < 4; i++) acc[m * 4 + i] = s[m][i];
+  acc[0] = s0, acc[1] = s1, acc[2] = s2, acc[3] = s3;
 }
 
-void codes_dot_rows(int nm, const uint8_t* w, const int8_t* x, int64_t xstride, int64_t K, int32_t* acc) {
-  switch (nm) {
-    case 1: codes_dot<1>(w, x, xstride, K, acc); break;
-    case 2: codes_dot<2>(w, x, xstride, K, acc); break;
-    case 3: codes_dot<3>(w, x, xstride, K, acc); break;
-    default: codes_dot<4>(w, x, xstride, K, acc); break;
+// The same for four activation rows (x, x + xstride, x + 2 xstride, x + 3 xstride) ->
+// acc[m * 4 + i]: prefill. With VNNI the codes are extracted once for the four rows (16
+// accumulators in registers); elsewhere four passes of codes_dot1 (the packed row is in L1).
+void codes_dot4(const uint8_t* w, const int8_t* x, int64_t xstride, int64_t K, int32_t* acc) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  const __m512i three = _mm512_set1_epi8(3);
+  __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00,
+          a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+#define TERNARY_VNNI_ROW(m, b0, b1, b2, b3)                           \
+  {                                                                   \
+    const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + m * xstride + k); \
+    b0 = _mm512_dpbusd_epi32(b0, c0, xv);                             \
+    b1 = _mm512_dpbusd_epi32(b1, c1, xv);                             \
+    b2 = _mm512_dpbusd_epi32(b2, c2, xv);                             \
+    b3 = _mm512_dpbusd_epi32(b3, c3, xv);                             \
   }
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask64 mask = K - k >= 64 ? ~0ULL : (1ULL << (K - k)) - 1;
+    const __m512i p = _mm512_maskz_loadu_epi8(mask, w + k);
+    const __m512i c0 = _mm512_and_si512(p, three), c1 = _mm512_and_si512(_mm512_srli_epi16(p, 2), three),
+                  c2 = _mm512_and_si512(_mm512_srli_epi16(p, 4), three),
+                  c3 = _mm512_and_si512(_mm512_srli_epi16(p, 6), three);
+    TERNARY_VNNI_ROW(0, a00, a01, a02, a03)
+    TERNARY_VNNI_ROW(1, a10, a11, a12, a13)
+    TERNARY_VNNI_ROW(2, a20, a21, a22, a23)
+    TERNARY_VNNI_ROW(3, a30, a31, a32, a33)
+  }
+#undef TERNARY_VNNI_ROW
+  const __m512i all[16] = {a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33};
+  for (int j = 0; j < 16; j++) acc[j] = _mm512_reduce_add_epi32(all[j]);
+#else
+  for (int m = 0; m < 4; m++) codes_dot1(w, x + m * xstride, K, acc + 4 * m);
+#endif
 }
 
 }  // namespace
@@ -188,24 +189,25 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor norm_weight, torch::T
   const uint8_t* wp = pk.data_ptr<uint8_t>();
   const float* sp = rs.data_ptr<float>();
   const float* rp = epilogue == 1 ? res.data_ptr<float>() : nullptr;
-  const int64_t n_gate = out_features;  // epilogue 2: rows [0, out) gate, [out, 2 out) up, R = out / 2
   at::parallel_for(0, R, 8, [&](int64_t r0, int64_t r1) {
-    int32_t acc[MB * 4];
+    int32_t acc[16];
     for (int64_t r = r0; r < r1; r++) {
-      for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        const int nm = static_cast<int>(std::min<int64_t>(MB, M - m0));
-        codes_dot_rows(nm, wp + r * K, xq.data() + m0 * K, K, K, acc);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {   // four activation rows per pass over the packed row
+        const int nm = static_cast<int>(std::min<int64_t>(4, M - m0));
+        if (nm == 4)
+          codes_dot4(wp + r * K, xq.data() + m0 * K, K, K, acc);
+        else
+          for (int m = 0; m < nm; m++) codes_dot1(wp + r * K, xq.data() + (m0 + m) * K, K, acc + 4 * m);
         for (int m = 0; m < nm; m++) {
           const int64_t mm = m0 + m;
           float y[4];
           for (int i = 0; i < 4; i++)
             y[i] = static_cast<float>(acc[m * 4 + i] - xsum[mm]) * (sp[r + i * R] / sx[mm]);
-          if (epilogue == 2) {
+          if (epilogue == 2) {   // rows [0, out) gate, [out, 2 out) up, R = out / 2
             for (int i = 0; i < 2; i++) {
               const float g = y[i] > 0.0f ? y[i] : 0.0f;
               op[mm * out_features + r + i * R] = (g * g) * y[i + 2];
             }
-            (void)n_gate;
           } else {
             for (int i = 0; i < 4; i++) {
               const int64_t j = r + i * R;
