@@ -69,7 +69,9 @@ def available():
 
 
 @packed_linear.register_kernel('cpu')
-def _(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps):
+def packed_linear_cpu(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps):
+    """The op's CPU kernel: the compiled one, or the reference where it did not build or is off.
+    packed.PackedLinear calls it directly in eager CPU runs (the dispatcher costs ~10-20 us a call)."""
     ext = extension() if enabled else None
     if ext is None:
         return packed_linear_reference(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps)

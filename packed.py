@@ -30,7 +30,7 @@ kernel that reads the 2-bit bytes as they are (cpu_kernels.py), and on CUDA a Tr
 import torch
 import torch.nn as nn
 
-import cpu_kernels  # noqa: F401  (registers the CPU kernel for bitnet::packed_linear, built at its first call)
+import cpu_kernels  # registers the CPU kernel for bitnet::packed_linear (built at its first call)
 from bitlinear import BitLinear, pack_ternary, quantize_weight, unpack_2bit, unpack_ternary
 from model import GPT, PROJECTIONS, GPTConfig, projection_name, projection_parent, rotary_tables
 from ops import EPILOGUES, packed_linear_reference
@@ -64,7 +64,12 @@ class PackedLinear(nn.Module):
         norm_weight = norm.weight if norm is not None else x.new_empty(0)
         eps = norm.eps if norm is not None else 0.0
         res = residual.reshape(-1, self.out_features) if residual is not None else x.new_empty(0)
-        op = packed_linear_reference if _reference_path else torch.ops.bitnet.packed_linear
+        if _reference_path:
+            op = packed_linear_reference
+        elif x.device.type == 'cpu' and not torch.compiler.is_compiling():
+            op = cpu_kernels.packed_linear_cpu   # the op's CPU kernel, without the dispatcher's ~10-20 us a call
+        else:
+            op = torch.ops.bitnet.packed_linear
         y = op(x, norm_weight, self.packed, self.row_scale, res, self.out_features, self.epilogue, eps)
         return y.view(*shape, self.out_features)
 

@@ -64,17 +64,26 @@ def test_the_op_runs_the_kernel_on_cpu(ext, monkeypatch):
     assert len(calls) == 1
 
 
-def test_packed_model_logits_and_tokens_equal_the_reference_path(ext):
-    """A whole packed model on the CPU: the kernel's logits equal the pure-PyTorch path's bit for
-    bit (prefill of 9 rows and decoding), so greedy decoding picks the same tokens."""
+def test_packed_model_logits_and_tokens_equal_the_reference_path(ext, monkeypatch):
+    """A whole packed model on the CPU: its layers run the kernel, whose logits equal the
+    pure-PyTorch path's bit for bit (prefill of 9 rows and decoding), so greedy decoding picks
+    the same tokens."""
     import packed
     from model import GPT, GPTConfig
+    calls = []
+
+    class Counting:
+        def packed_linear(self, *args):
+            calls.append(args[0].size(0))
+            return ext.packed_linear(*args)
+    monkeypatch.setattr(cpu_kernels, '_ext', Counting())
     torch.manual_seed(0)
     model = packed.pack_model(GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2,
                                             n_embd=96, intermediate_size=136)).eval())
     idx = torch.randint(50, (1, 9))
     with torch.no_grad():
         logits = model(idx, idx)[0]
+        assert calls == [9] * 8   # 2 layers x (qkv, o, gate_up, down), 9 rows each
         tokens = model.generate(idx, 12, temperature=0)
         packed._reference_path = True
         try:
@@ -82,6 +91,7 @@ def test_packed_model_logits_and_tokens_equal_the_reference_path(ext):
             tokens_ref = model.generate(idx, 12, temperature=0)
         finally:
             packed._reference_path = False
+    assert len(calls) == 8 + 8 * 12   # the reference path never called the kernel
     assert torch.equal(logits, logits_ref)
     assert torch.equal(tokens, tokens_ref)
 
