@@ -421,9 +421,11 @@ from model import GPT, GPTConfig
 from packed import pack_model
 torch.set_num_threads({threads})
 cpu_kernels.extension()
-with torch.no_grad():   # torch's first-use allocations, as in the parent's baseline
-    pack_model(GPT(GPTConfig(block_size=8, vocab_size=8, n_layer=1, n_head=1, n_embd=64)).eval()).generate(
-        torch.zeros(1, 2, dtype=torch.long), 2, temperature=0)
+with torch.no_grad():   # torch's first-use allocations and meta-device code, as in the parent's baseline
+    tiny = GPTConfig(block_size=8, vocab_size=8, n_layer=1, n_head=1, n_embd=64)
+    pack_model(GPT(tiny).eval()).generate(torch.zeros(1, 2, dtype=torch.long), 2, temperature=0)
+    with torch.device('meta'):
+        GPT(tiny)
 base = rss()
 model = model_from_checkpoint(load_checkpoint({path!r}), {path!r})
 if {half}:
@@ -445,19 +447,24 @@ def bench_decode_cpu():
     import os
     import cpu_kernels
     from checkpoint import save_packed
-    from packed import pack_model
+    from packed import pack_model, release_free_heap
     prompt = torch.randint(vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
     cpu_kernels.extension()   # built (or loaded) before the baseline
     with torch.no_grad():     # torch's first-use allocations (thread pools, BLAS buffers) before the baseline too
         tiny = lambda quant: GPT(GPTConfig(block_size=8, vocab_size=8, n_layer=1, n_head=1, n_embd=64, quant=quant)).eval()
         for warm in (tiny('b1.58'), pack_model(tiny('b1.58')), tiny('none')):
             warm.generate(torch.zeros(1, 2, dtype=torch.long), 2, temperature=0)
+        with torch.device('meta'):   # torch's meta-device code, which cpu_model and load_packed use (~150 MB of it)
+            tiny('b1.58')
     del warm
     gc.collect()
     base = rss()
     results = []
     for variant in variants.split(','):
         model = cpu_model(variant)
+        release_free_heap()   # what building from latent weights freed
+        if variant == 'packed' and packed_file:
+            save_packed(model, packed_file)
         if cpu_head == 'float16':
             cpu_kernels.half_head(model)
         n_proj = sum(math.prod(w.shape) for name, w in model.named_parameters() if name.endswith('_proj.weight'))
@@ -486,7 +493,6 @@ def bench_decode_cpu():
                             rss=built - base if base else None, peak=rss('VmHWM') - base if base else None,
                             same=torch.equal(out, first), tokens=out[0, prompt_len:]))
         if variant == 'packed' and packed_file:
-            save_packed(model, packed_file)
             results[-1]['file_bytes'] = os.path.getsize(packed_file)
         del model
         gc.collect()
@@ -496,7 +502,7 @@ def bench_decode_cpu():
           f"{GPTConfig(n_embd=n_embd, n_head=n_head, intermediate_size=intermediate_size).intermediate_size}, "
           f"vocab {vocab_size}, tied {tie_embeddings}, lm_head {cpu_head}; batch 1, prompt {prompt_len}, "
           f"{new_tokens} greedy tokens, median of {repeats} after a warm-up run")
-    print(f"baseline RSS (Python, torch after a first tiny model, our modules, the kernel): {base / 2**20:.0f} MiB" if base else "RSS: n/a")
+    print(f"baseline RSS (Python, torch after a first tiny model and its meta-device code, our modules, the kernel): {base / 2**20:.0f} MiB" if base else "RSS: n/a")
     print(f"{'variant':<9} {'tokens/s':>9} {'decode/s':>9} {'ms/token':>9} {'prefill ms':>11} {'bits/w':>7} "
           f"{'RSS+':>10} {'peak RSS+':>10} {'repeat':>7}")
     for r in results:

@@ -15,7 +15,8 @@ pure-PyTorch reference. `enabled = False` (sample.py --cpu_kernel=False) forces 
 
 The lm_head stays full precision, and is the largest matrix a small model reads per token
 (vocab x n_embd, 154 MB in float32 for GPT-2's vocabulary at 768 wide): half_head gives a
-decoding model a float16 copy of it (HalfLinear, float32 sums), half the bytes per token.
+decoding model a float16 copy of it (HalfLinear, float32 sums), half the bytes per token, which
+a tied embedding reads too (HalfEmbedding).
 """
 
 import os
@@ -93,8 +94,24 @@ class HalfLinear(nn.Module):
         return y.view(*x.shape[:-1], -1).to(x.dtype)
 
 
+class HalfEmbedding(nn.Module):
+    """The token embedding read from a float16 table (a tied lm_head's HalfLinear shares it),
+    rows widened to float32."""
+
+    def __init__(self, weight_f16):
+        super().__init__()
+        self.register_buffer('weight_f16', weight_f16)
+
+    def forward(self, idx):
+        return F.embedding(idx, self.weight_f16).float()
+
+
 def half_head(model):
-    """A GPT for decoding on the CPU: its lm_head becomes a HalfLinear (float16 copy of the weight;
-    a tied embedding keeps the float32 tensor, of which a lookup reads only the used rows)."""
-    model.lm_head = HalfLinear(model.lm_head.weight)
+    """A GPT for decoding on the CPU: its lm_head becomes a HalfLinear (a float16 copy of the
+    weight); a tied embedding reads the same float16 table (HalfEmbedding), so the float32 tensor
+    is no longer referenced (a memory-mapped file's pages are released with it)."""
+    head = HalfLinear(model.lm_head.weight)
+    if model.lm_head.weight is model.model.embed_tokens.weight:
+        model.model.embed_tokens = HalfEmbedding(head.weight_f16)
+    model.lm_head = head
     return model

@@ -125,23 +125,24 @@ def test_f16_linear(ext):
 
 
 def test_half_head(ext, monkeypatch):
-    """half_head: the lm_head reads a float16 copy (float32 sums), the tied embedding keeps its float32
-    tensor; the kernel and the fallback (F.linear on the widened weights) agree."""
+    """half_head: the lm_head reads a float16 copy (float32 sums) that a tied embedding reads too
+    (rows widened to float32); the kernel and the fallback (F.linear on the widened weights) agree."""
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=300, n_layer=1, n_head=2, n_embd=40, tie_embeddings=True)).eval()
-    embed = model.model.embed_tokens.weight
+    w16 = model.lm_head.weight.detach().half()
     x = torch.randn(2, 3, 40)
+    idx = torch.tensor([[0, 299, 7]])
     cpu_kernels.half_head(model)
-    assert model.model.embed_tokens.weight is embed and embed.dtype == torch.float32
-    w16 = model.lm_head.weight_f16
-    assert w16.dtype == torch.float16 and torch.equal(w16, embed.detach().half())
+    assert model.lm_head.weight_f16 is model.model.embed_tokens.weight_f16 and torch.equal(w16, model.lm_head.weight_f16)
+    assert torch.equal(model.model.embed_tokens(idx), w16[idx].float())
     y = model.lm_head(x)
     expected = (x.double() @ w16.double().t()).float()
     assert y.shape == (2, 3, 300) and y.dtype == torch.float32
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-5)
     monkeypatch.setattr(cpu_kernels, 'enabled', False)
     torch.testing.assert_close(model.lm_head(x), expected, rtol=0, atol=1e-5)
+    assert model.generate(idx, 3, temperature=0).shape == (1, 6)
 
 
 def test_sample_uses_the_kernel_and_can_be_told_not_to(tmp_path, trained_ckpt):
