@@ -191,7 +191,7 @@ def test_bench_decode_on_cpu(tmp_path):
     r = run('bench.py', '--mode=decode', '--device=cpu', '--n_layer=1', '--n_head=2', '--n_embd=32',
             '--new_tokens=6', '--prompt_len=3', '--repeats=1', f'--packed_file={tmp_path / "p.pt"}')
     assert r.returncode == 0, r.stderr
-    rows = {l.split()[0]: l.split() for l in r.stdout.splitlines() if len(l.split()) == 11}
+    rows = {l.split()[0]: l.split() for l in r.stdout.splitlines() if len(l.split()) == 11 and 'MiB' in l}
     assert set(rows) == {'training', 'packed', 'float'}
     assert rows['training'][5] == '32.000' and 2.0 < float(rows['packed'][5]) < 3.0   # bits per weight (32 wide: a scale per row is 1 bit)
     assert 'training form and packed: the same greedy tokens for the first 6 of 6' in r.stdout
