@@ -30,10 +30,21 @@ float model of the same shape with random weights:
         --intermediate_size=6912 --vocab_size=128256 --tie_embeddings=True --rope_theta=500000.0   # BitNet b1.58 2B4T
     python bench.py --mode=decode --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50257 --tie_embeddings=True  # ~125M
 
-On CUDA both run in engine.py (static KV cache, one CUDA graph per token) in bfloat16; on the
-CPU both run model.generate in float32. Reported: tokens per second and ms per token (the
-prompt's prefill included), weight bytes, peak memory, and on CUDA the fraction of the memory
-bandwidth limit reached (weight bytes x tokens/s over the measured copy bandwidth).
+On CUDA both run in engine.py (static KV cache, one CUDA graph per token) in bfloat16.
+Reported: tokens per second and ms per token (the prompt's prefill included), weight bytes, peak
+memory, and the fraction of the memory bandwidth limit reached (weight bytes x tokens/s over the
+measured copy bandwidth).
+
+On the CPU three models of the same shape and the same random weights run model.generate in
+float32: the training form (b1.58 BitLinear layers, eval mode), the packed model (the compiled
+kernel, cpu_kernels.py) and the float model (quant='none'); each lm_head as --cpu_head says.
+Reported: tokens/s with and without the prompt's prefill, ms per token, bits per projection
+weight held, resident memory (RSS) over the baseline of this process (Python, torch, our modules
+and the compiled kernel, measured before any model), and with --packed_file the same for a
+fresh process that loads the packed file (memory-mapped), as sample.py does:
+
+    python bench.py --mode=decode --device=cpu --threads=2 --n_layer=12 --n_head=12 --n_embd=768 \
+        --vocab_size=50257 --tie_embeddings=True --prompt_len=64 --new_tokens=128 --packed_file=/tmp/p.pt
 
 Prefill (CUDA): the packed layer's path for many rows (M = 512) against unpacking the weights to
 bfloat16 and a bfloat16 matmul, for one layer's projections at the given shape, in CUDA graphs:
@@ -41,6 +52,7 @@ bfloat16 and a bfloat16 matmul, for one layer's projections at the given shape, 
     python bench.py --mode=prefill --n_head=20 --n_kv_head=5 --n_embd=2560 --intermediate_size=6912
 """
 
+import math
 import os
 import statistics
 import sys
@@ -79,7 +91,11 @@ prompt_len = 16            # decode: prompt tokens (prefilled), then new_tokens 
 new_tokens = 256
 repeats = 3                # decode: timed generations per variant (median)
 prefill_rows = 512         # prefill: rows of the input (prompt tokens x batch)
-packed_file = ''           # decode: also write the packed model here and report its size
+packed_file = ''           # decode: also write the packed model here and report its size (CPU: and time a
+                           # fresh process that loads it, for the resident memory of the file alone)
+variants = 'training,packed,float'  # decode on the CPU: the models to time, on the same random weights
+threads = 0                # CPU: torch's threads (0: torch's default, one per core)
+cpu_head = 'float16'       # decode on the CPU: every variant's lm_head weights ('float16' as sample.py, or 'float32')
 overwrite = False          # replace a file at packed_file even when it is not a packed file
 profile = False            # CUDA: print the kernels of one step (train) / one decoding step (decode)
 seed = 1337
@@ -91,11 +107,14 @@ check(all(q in ('b1.58', 'b1', 'none') for q in quant_list),   # model.QUANT_MOD
       f"quants must be a comma-separated list of b1.58, b1, none, got '{quants}'")
 check_choice(globals(), 'mode', ('train', 'decode', 'prefill'))
 check_choice(globals(), 'dtype', ('auto', 'float32', 'bfloat16', 'float16'))
+check_choice(globals(), 'cpu_head', ('float16', 'float32'))
+check(all(v in ('training', 'packed', 'float') for v in variants.split(',')),
+      f"variants must be a comma-separated list of training, packed, float, got '{variants}'")
 check_device(device)
 check_ints(globals(), 'n_layer n_head n_embd vocab_size block_size batch_size rounds steps_per_round prompt_len '
                       'new_tokens repeats prefill_rows', 1)
 check_ints(globals(), 'n_kv_head intermediate_size', 1, allow_none=True)
-check_ints(globals(), 'warmup seed', 0)
+check_ints(globals(), 'warmup seed threads', 0)
 check_floats(globals(), 'rope_theta', 0, low_open=True)
 check_optional_bools(globals(), 'compile cuda_graphs')
 check(n_embd % n_head == 0 and n_embd // n_head % 2 == 0, f"n_embd ({n_embd}) must be n_head ({n_head}) times an "
@@ -125,6 +144,8 @@ check_device_present(device)
 if packed_file:
     from checkpoint import is_packed_file
     check_new_file(packed_file, 'packed_file', overwrite, replaceable=is_packed_file)
+if threads:
+    torch.set_num_threads(threads)
 if mode == 'prefill' and device_type != 'cuda':
     fail("mode=prefill times the CUDA kernels of the packed layer and needs a CUDA GPU "
          "(on the CPU the packed layer is unpack-then-matmul itself)")
@@ -420,6 +441,188 @@ def bench_decode():
         print(f"packed file {packed_file}: {packed_row['file_bytes'] / 1e9:.4f} GB")
 
 
+def rss(field='VmRSS'):
+    """This process's resident memory in bytes (VmRSS), or its peak (VmHWM) since reset_peak_rss;
+    None where /proc is not there (not Linux)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+
+
+def reset_peak_rss():
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')   # VmHWM := VmRSS
+    except OSError:
+        pass
+
+
+def cpu_model(variant):
+    """The benchmark's GPT as `variant` ('training': b1.58 BitLinear layers; 'packed'; 'float':
+    quant='none'), with the same random weights whatever the variant: parameter `name` is drawn
+    from a generator seeded with its index among the parameter names. The packed model is built
+    layer by layer, so its latent weights never exist all at once."""
+    from packed import PackedBlock
+    from bitlinear import quantize_weight
+    from model import projection_name
+    config = GPTConfig(block_size=max(block_size, prompt_len + new_tokens), vocab_size=vocab_size, n_layer=n_layer,
+                       n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size,
+                       quant='none' if variant == 'float' else 'b1.58', tie_embeddings=tie_embeddings,
+                       rope_theta=rope_theta)
+    with torch.device('meta'):
+        model = GPT(config)
+    names = [n for n, _ in model.named_parameters()]
+
+    def draw(name, shape):
+        if name.endswith('norm.weight'):
+            return torch.ones(shape)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100003 + names.index(name))) * 0.02
+    if variant == 'packed':
+        for i, block in enumerate(model.model.layers):
+            weights = {}
+            for proj in PROJECTIONS:
+                layer = getattr(getattr(block, projection_parent(proj)), proj)
+                weights[proj] = quantize_weight(draw(f'{projection_name(i, proj)}.weight', layer.weight.shape))
+            model.model.layers[i] = PackedBlock(block, weights)
+        model.packed = True
+    for name, p in list(model.named_parameters()):
+        module_name, _, attr = name.rpartition('.')
+        setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(draw(name, p.shape)))
+    if tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rope_cos, model.rope_sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+    return model.eval()
+
+
+PACKED_FILE_RUN = """
+import json, sys, time, torch
+sys.path.insert(0, {repo!r})
+import cpu_kernels
+from checkpoint import load_checkpoint, model_from_checkpoint
+{rss_source}
+from model import GPT, GPTConfig
+from packed import pack_model
+torch.set_num_threads({threads})
+cpu_kernels.extension()
+with torch.no_grad():   # torch's first-use allocations and meta-device code, as in the parent's baseline
+    tiny = GPTConfig(block_size=8, vocab_size=8, n_layer=1, n_head=1, n_embd=64)
+    pack_model(GPT(tiny).eval()).generate(torch.zeros(1, 2, dtype=torch.long), 2, temperature=0)
+    with torch.device('meta'):
+        GPT(tiny)
+base = rss()
+model = model_from_checkpoint(load_checkpoint({path!r}), {path!r})
+if {half}:
+    cpu_kernels.half_head(model)
+loaded = rss()
+prompt = torch.randint({vocab}, (1, {prompt_len}), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    model.generate(prompt, {new_tokens}, temperature=0)
+    t0 = time.perf_counter()
+    model.generate(prompt, {new_tokens}, temperature=0)
+    t = time.perf_counter() - t0
+print(json.dumps(dict(base=base, loaded=loaded, rss=rss(), peak=rss('VmHWM'), tok_s={new_tokens} / t)))
+"""
+
+
+def bench_decode_cpu():
+    """Batch-1 greedy decoding on the CPU: training form, packed, float (see the module docstring)."""
+    import gc
+    import os
+    import cpu_kernels
+    from checkpoint import save_packed
+    from packed import pack_model, release_free_heap
+    prompt = torch.randint(vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
+    cpu_kernels.extension()   # built (or loaded) before the baseline
+    with torch.no_grad():     # torch's first-use allocations (thread pools, BLAS buffers) before the baseline too
+        tiny = lambda quant: GPT(GPTConfig(block_size=8, vocab_size=8, n_layer=1, n_head=1, n_embd=64, quant=quant)).eval()
+        for warm in (tiny('b1.58'), pack_model(tiny('b1.58')), tiny('none')):
+            warm.generate(torch.zeros(1, 2, dtype=torch.long), 2, temperature=0)
+        with torch.device('meta'):   # torch's meta-device code, which cpu_model and load_packed use (~150 MB of it)
+            tiny('b1.58')
+    del warm
+    gc.collect()
+    base = rss()
+    results = []
+    for variant in variants.split(','):
+        model = cpu_model(variant)
+        release_free_heap()   # what building from latent weights freed
+        if variant == 'packed' and packed_file:
+            save_packed(model, packed_file)
+        if cpu_head == 'float16':
+            cpu_kernels.half_head(model)
+        n_proj = sum(math.prod(w.shape) for name, w in model.named_parameters() if name.endswith('_proj.weight'))
+        if variant == 'packed':
+            n_proj = sum(4 * m.packed.numel() for m in model.modules() if hasattr(m, 'row_scale'))
+            bits = 8 * sum(m.packed.numel() + 4 * m.row_scale.numel()
+                           for m in model.modules() if hasattr(m, 'row_scale')) / n_proj
+        else:
+            bits = 32.0
+        built = rss()
+        reset_peak_rss()
+        with torch.no_grad():
+            first = model.generate(prompt, new_tokens, temperature=0)   # warm-up (and a training form's first forward)
+            prefill, total = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                model.generate(prompt, 1, temperature=0)
+                t1 = time.perf_counter()
+                out = model.generate(prompt, new_tokens, temperature=0)
+                t2 = time.perf_counter()
+                prefill.append(t1 - t0)
+                total.append(t2 - t1)
+        t, tp = statistics.median(total), statistics.median(prefill)
+        results.append(dict(variant=variant, tok_s=new_tokens / t, decode_tok_s=(new_tokens - 1) / (t - tp),
+                            ms=1000 * (t - tp) / (new_tokens - 1), prefill_ms=1000 * tp, bits=bits,
+                            rss=built - base if base else None, peak=rss('VmHWM') - base if base else None,
+                            same=torch.equal(out, first), tokens=out[0, prompt_len:]))
+        if variant == 'packed' and packed_file:
+            results[-1]['file_bytes'] = os.path.getsize(packed_file)
+        del model
+        gc.collect()
+    print(f"device: cpu, {torch.get_num_threads()} threads, kernel {cpu_kernels.extension().isa() if cpu_kernels.available() else 'none (reference path)'}; "
+          f"torch {torch.__version__}; load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"model: {n_layer} layers, {n_head} heads ({n_kv_head or n_head} kv), {n_embd} wide, MLP "
+          f"{GPTConfig(n_embd=n_embd, n_head=n_head, intermediate_size=intermediate_size).intermediate_size}, "
+          f"vocab {vocab_size}, tied {tie_embeddings}, lm_head {cpu_head}; batch 1, prompt {prompt_len}, "
+          f"{new_tokens} greedy tokens, median of {repeats} after a warm-up run")
+    print(f"baseline RSS (Python, torch after a first tiny model and its meta-device code, our modules, the kernel): {base / 2**20:.0f} MiB" if base else "RSS: n/a")
+    print(f"{'variant':<9} {'tokens/s':>9} {'decode/s':>9} {'ms/token':>9} {'prefill ms':>11} {'bits/w':>7} "
+          f"{'RSS+':>10} {'peak RSS+':>10} {'repeat':>7}")
+    for r in results:
+        mem = lambda b: f"{b / 2**20:,.0f} MiB" if b is not None else 'n/a'
+        print(f"{r['variant']:<9} {r['tok_s']:9.1f} {r['decode_tok_s']:9.1f} {r['ms']:9.2f} {r['prefill_ms']:11.1f} "
+              f"{r['bits']:7.3f} {mem(r['rss']):>10} {mem(r['peak']):>10} {str(r['same']):>7}")
+    print("tokens/s: new tokens over the whole generate call; decode/s and ms/token: without the prefill; "
+          "RSS+: resident after building, over the baseline; peak: while generating; "
+          "repeat: the timed runs gave the warm-up's tokens")
+    agree = [r for r in results if r['variant'] != 'float']
+    if len(agree) == 2:
+        same = (agree[0]['tokens'] == agree[1]['tokens']).tolist()
+        print(f"training form and packed: the same greedy tokens for the first "
+              f"{same.index(False) if False in same else len(same)} of {len(same)}")
+    packed_row = [r for r in results if r.get('file_bytes')]
+    if packed_row:
+        import json
+        import subprocess
+        import inspect
+        code = PACKED_FILE_RUN.format(rss_source=inspect.getsource(rss), repo=os.path.dirname(os.path.abspath(__file__)), threads=torch.get_num_threads(),
+                                      path=os.path.abspath(packed_file), half=cpu_head == 'float16', vocab=vocab_size,
+                                      prompt_len=prompt_len, new_tokens=new_tokens)
+        r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+        if r.returncode:
+            print(f"the packed file's process failed: {r.stderr.strip().splitlines()[-1]}")
+        else:
+            m = json.loads(r.stdout.strip().splitlines()[-1])
+            print(f"packed file {packed_file}: {packed_row[0]['file_bytes'] / 2**20:.0f} MiB; a fresh process "
+                  f"(baseline {m['base'] / 2**20:.0f} MiB) loads it memory-mapped: +{(m['loaded'] - m['base']) / 2**20:.0f} MiB "
+                  f"resident, +{(m['rss'] - m['base']) / 2**20:.0f} MiB after generating (peak +{(m['peak'] - m['base']) / 2**20:.0f} MiB), "
+                  f"{m['tok_s']:.1f} tokens/s")
+
+
 def bench_prefill():
     """The packed layer for M = prefill_rows rows (weights unpacked once per call by one kernel,
     int8 tensor cores) against the same layer computed the plain way: unpack to bfloat16, then a
@@ -467,6 +670,8 @@ def bench_prefill():
 
 if mode == 'train':
     bench_train()
+elif mode == 'decode' and not cuda:
+    bench_decode_cpu()
 elif mode == 'decode':
     bench_decode()
 else:

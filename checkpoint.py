@@ -43,14 +43,16 @@ def save_checkpoint(checkpoint, path):
 
 
 def load_checkpoint(path, map_location='cpu'):
-    """The checkpoint dict at path, or CheckpointError with a one-line reason."""
+    """The checkpoint dict at path, or CheckpointError with a one-line reason. The file is
+    memory-mapped: a tensor's pages are read when used, and a model that keeps the file's
+    tensors (packed.load_packed) stays about as resident as the file is large."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: train one first (python train.py CONFIG), "
                               f"or point --out_dir (or --ckpt_path) at one")
     try:
         with warnings.catch_warnings():  # e.g. torch's note on a plain pickle's protocol: the error says it all
             warnings.simplefilter('ignore')
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:
         # weights_only=True unpickles tensors and plain containers only; anything else is a GLOBAL:
         # a class or function that unpickling would import and call, i.e. code

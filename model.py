@@ -312,7 +312,7 @@ class GPT(nn.Module):
             if not use_cache:
                 logits, _ = self(idx[:, -block_size:])
             elif cache is None or cache.pos == block_size:
-                cache = KVCache(self.config, idx.size(0), block_size, idx.device, self.lm_head.weight.dtype)
+                cache = KVCache(self.config, idx.size(0), block_size, idx.device, self.model.norm.weight.dtype)
                 logits, _ = self(idx[:, -block_size:], kv_cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], kv_cache=cache)

@@ -22,13 +22,17 @@ On disk (checkpoint.save_packed) every projection is stored on its own in the Hu
 format: `weight` uint8 (ceil(out / 4), in) and `weight_scale` (1,) = s_w.
 
 The arithmetic lives in one custom op, torch.ops.bitnet.packed_linear (ops.py): a pure-PyTorch
-implementation that runs everywhere (unpack, exact integer product, rescale) and, on CUDA, a
-Triton kernel (ternary_kernels.py) registered for it, which torch.compile and CUDA graphs treat as one call.
+implementation that runs everywhere (unpack, exact integer product, rescale), on the CPU a C++
+kernel that reads the 2-bit bytes as they are (cpu_kernels.py), and on CUDA a Triton kernel
+(ternary_kernels.py), which torch.compile and CUDA graphs treat as one call.
 """
+
+import ctypes
 
 import torch
 import torch.nn as nn
 
+import cpu_kernels  # registers the CPU kernel for bitnet::packed_linear (built at its first call)
 from bitlinear import BitLinear, pack_ternary, quantize_weight, unpack_2bit, unpack_ternary
 from model import GPT, PROJECTIONS, GPTConfig, projection_name, projection_parent, rotary_tables
 from ops import EPILOGUES, packed_linear_reference
@@ -62,7 +66,12 @@ class PackedLinear(nn.Module):
         norm_weight = norm.weight if norm is not None else x.new_empty(0)
         eps = norm.eps if norm is not None else 0.0
         res = residual.reshape(-1, self.out_features) if residual is not None else x.new_empty(0)
-        op = packed_linear_reference if _reference_path else torch.ops.bitnet.packed_linear
+        if _reference_path:
+            op = packed_linear_reference
+        elif x.device.type == 'cpu' and not torch.compiler.is_compiling():
+            op = cpu_kernels.packed_linear_cpu   # the op's CPU kernel, without the dispatcher's ~10-20 us a call
+        else:
+            op = torch.ops.bitnet.packed_linear
         y = op(x, norm_weight, self.packed, self.row_scale, res, self.out_features, self.epilogue, eps)
         return y.view(*shape, self.out_features)
 
@@ -222,8 +231,10 @@ def verify_packed(model, idx, rtol=1e-5):
 
 def load_packed(checkpoint, path='packed checkpoint'):
     """A packed GPT (on the CPU) from a packed file's dict (packed_checkpoint). The model is
-    built on the meta device first, so no latent weights are ever allocated. A damaged or
-    mismatched file raises ValueError with a one-line reason naming path."""
+    built on the meta device first, so no latent weights are ever allocated, and the fused 2-bit
+    buffers are built one layer at a time; the other tensors (embedding, norms, lm_head) are the
+    file's own (assigned, not copied: memory-mapped where checkpoint.load_checkpoint mapped the
+    file). A damaged or mismatched file raises ValueError with a one-line reason naming path."""
     config = GPTConfig(**{**checkpoint['model_args'], 'dropout': 0.0})
     state = checkpoint['packed']
     problems = check_packed_state(state, config)
@@ -232,8 +243,7 @@ def load_packed(checkpoint, path='packed checkpoint'):
         raise ValueError(f"{path} is damaged: {problems[0]}{more}")
     with torch.device('meta'):
         model = GPT(config)
-    weights = []
-    for i, block in enumerate(model.model.layers):
+    for i, block in enumerate(model.model.layers):   # one layer's int8 weights at a time, then only its bytes
         w = {}
         for proj in PROJECTIONS:
             layer, name = getattr(getattr(block, projection_parent(proj)), proj), projection_name(i, proj)
@@ -243,9 +253,13 @@ def load_packed(checkpoint, path='packed checkpoint'):
                                       f"the model needs {expected}")
             w[proj] = (unpack_ternary(state[f'{name}.weight'], layer.out_features),
                        state[f'{name}.weight_scale'].float().reshape(()))
-        weights.append(w)
-    pack_model(model, weights)
+        model.model.layers[i] = PackedBlock(block, w)
+    model.packed = True
     rest = {k: v for k, v in state.items() if not k.endswith(('_proj.weight', '_proj.weight_scale'))}
+    # the norms are copied (a few KB), so that the file's mapping (one for all of its tensors) lives
+    # only as long as the embedding and lm_head: once a decoding model drops those
+    # (cpu_kernels.half_head), the pages it read are released
+    rest = {k: v.clone() if v.dim() == 1 else v for k, v in rest.items()}
     try:
         model.load_state_dict(rest, strict=False, assign=True)
     except RuntimeError as e:
@@ -256,7 +270,17 @@ def load_packed(checkpoint, path='packed checkpoint'):
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"{path} is missing {left[0]}")
+    release_free_heap()
     return model
+
+
+def release_free_heap():
+    """Give the heap's free pages back to the system: glibc keeps what the temporary int8 weights
+    of load_packed freed (~50 MB for a 124M model), which would stay resident. Linux/glibc only."""
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # the CUDA kernel registers itself for the op where Triton and a GPU are there

@@ -199,11 +199,23 @@ def test_bench_runs_on_cpu_in_seconds():
     rows = {l.split()[0]: l.split() for l in lines if l.split() and l.split()[0] in ('none', 'b1.58', 'b1')}
     assert set(rows) == {'none', 'b1.58', 'b1'} and rows['none'][2] == '1.000x'
     assert float(rows['b1.58'][1]) > 0
+
+def test_bench_decode_on_cpu(tmp_path):
+    """The three models on the same weights: the training form and the packed model pick the same
+    greedy tokens; the packed file's own process reports its resident memory."""
     r = run('bench.py', '--mode=decode', '--device=cpu', '--n_layer=1', '--n_head=2', '--n_embd=32',
-            '--new_tokens=4', '--prompt_len=3', '--repeats=1')
+            '--new_tokens=6', '--prompt_len=3', '--repeats=1', f'--packed_file={tmp_path / "p.pt"}')
     assert r.returncode == 0, r.stderr
-    assert any(l.startswith('packed') for l in r.stdout.splitlines())
-    assert any(l.startswith('float') and '1.00x' in l for l in r.stdout.splitlines())
+    rows = {l.split()[0]: l.split() for l in r.stdout.splitlines() if len(l.split()) == 11 and 'MiB' in l}
+    assert set(rows) == {'training', 'packed', 'float'}
+    assert rows['training'][5] == '32.000' and 2.0 < float(rows['packed'][5]) < 3.0   # bits per weight (32 wide: a scale per row is 1 bit)
+    assert 'training form and packed: the same greedy tokens for the first 6 of 6' in r.stdout
+    assert 'a fresh process' in r.stdout and 'MiB resident' in r.stdout
+    r = run('bench.py', '--mode=decode', '--device=cpu', '--variants=packed,fast')
+    assert r.returncode == 2 and r.stderr.startswith('error: variants must be')
+
+
+def test_bench_refusals():
     r = run('bench.py', '--quants=none,b2')
     assert r.returncode == 2 and 'quants must be' in r.stderr
     r = run('bench.py', '--mode=prefill', '--device=cpu')
