@@ -567,6 +567,8 @@ while True:
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         if not scaler.is_enabled():  # float16's scaler skips a step with inf gradients itself, and tries a smaller scale
             finite &= torch.isfinite(grad_norm)
     nonfinite_at.masked_fill_(~finite & (nonfinite_at < 0), iter_num)
