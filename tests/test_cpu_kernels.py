@@ -157,4 +157,4 @@ def test_sample_uses_the_kernel_and_can_be_told_not_to(tmp_path, trained_ckpt):
     assert fast.returncode == 0 and slow.returncode == 0, fast.stderr + slow.stderr
     assert fast.stdout == slow.stdout and fast.stdout.startswith('ROMEO:')
     bad = run('sample.py', *args, '--cpu_head=bfloat16')
-    assert bad.returncode == 2 and bad.stderr == "error: cpu_head must be float16 or float32, got 'bfloat16'\n"
+    assert bad.returncode == 2 and bad.stderr == "error: cpu_head must be one of float16, float32, got 'bfloat16'\n"
