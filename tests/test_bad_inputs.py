@@ -132,11 +132,11 @@ CASES = [
 
 
 def tree_state(*roots):
-    """{path: sha1 of the file, or 'dir'} of everything under roots (caches and .git left out)."""
+    """{path: sha1 of the file, or 'dir'} of everything under roots (caches, the CPU kernel's build and .git left out)."""
     state = {}
     for root in roots:
         for folder, dirs, files in os.walk(root):
-            dirs[:] = [d for d in dirs if d not in ('.git', '__pycache__', '.pytest_cache')]
+            dirs[:] = [d for d in dirs if d not in ('.git', '__pycache__', '.pytest_cache', '.build')]
             state[folder] = 'dir'
             for name in files:
                 path = os.path.join(folder, name)
