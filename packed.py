@@ -28,9 +28,11 @@ kernel that reads the 2-bit bytes as they are (cpu_kernels.py), and on CUDA a Tr
 """
 
 import ctypes
+import sys
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 import cpu_kernels  # registers the CPU kernel for bitnet::packed_linear (built at its first call)
 from bitlinear import BitLinear, pack_ternary, quantize_weight, unpack_2bit, unpack_ternary
@@ -128,7 +130,9 @@ def pack_model(model, weights=None):
     if options:
         raise ValueError(f"a model with {options} cannot be packed: packed layers compute 8-bit symmetric "
                          f"activations without a bias (sample.py samples from the training checkpoint itself)")
-    for i, block in enumerate(model.model.layers):
+    layers = tqdm(model.model.layers, desc='packing', unit='layer', leave=False,   # on a terminal only
+                  disable=not sys.stderr.isatty() or len(model.model.layers) < 8)
+    for i, block in enumerate(layers):
         if isinstance(block, PackedBlock):
             continue
         if weights is not None:
