@@ -59,7 +59,7 @@ import sys
 import time
 from contextlib import nullcontext
 
-from configurator import (check, check_choice, check_device, check_device_present, check_floats, check_ints,
+from configurator import (check, check_choice, check_device, check_device_present, check_floats, check_heads, check_ints,
                           check_new_file, check_optional_bools, configure, fail)
 
 # -----------------------------------------------------------------------------
@@ -117,9 +117,7 @@ check_ints(globals(), 'n_kv_head intermediate_size', 1, allow_none=True)
 check_ints(globals(), 'warmup seed threads', 0)
 check_floats(globals(), 'rope_theta', 0, low_open=True)
 check_optional_bools(globals(), 'compile cuda_graphs')
-check(n_embd % n_head == 0 and n_embd // n_head % 2 == 0, f"n_embd ({n_embd}) must be n_head ({n_head}) times an "
-      f"even head size (rotary embeddings turn pairs of numbers): change --n_embd or --n_head")
-check(n_kv_head is None or n_head % n_kv_head == 0, f"n_kv_head ({n_kv_head}) must divide n_head ({n_head})")
+check_heads(n_embd, n_head, n_kv_head)
 check(not packed_file or mode == 'decode', "packed_file is written by --mode=decode only: add it, or drop --packed_file")
 wrapper_list = wrappers.split(',')
 if any(w not in ('none', 'ddp', 'fsdp') for w in wrapper_list):

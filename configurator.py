@@ -138,6 +138,13 @@ def check_floats(namespace, names, low, high=None, low_open=False, high_open=Tru
             fail(f"{name} must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}, got {value}")
 
 
+def check_heads(n_embd, n_head, n_kv_head):
+    """The attention shape: n_embd is n_head times an even head size, and n_kv_head divides n_head."""
+    check(n_embd % n_head == 0 and n_embd // n_head % 2 == 0, f"n_embd ({n_embd}) must be n_head ({n_head}) times an "
+          f"even head size (rotary embeddings turn pairs of numbers): change --n_embd or --n_head")
+    check(n_kv_head is None or n_head % n_kv_head == 0, f"n_kv_head ({n_kv_head}) must divide n_head ({n_head})")
+
+
 def check_choice(namespace, name, choices):
     """Setting name must be one of choices."""
     if namespace[name] not in choices:

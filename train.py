@@ -30,7 +30,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 
-from configurator import (check, check_choice, check_device, check_device_present, check_floats, check_ints,
+from configurator import (check, check_choice, check_device, check_device_present, check_floats, check_heads, check_ints,
                           check_optional_bools, configure, fail, settings_of)
 
 # -----------------------------------------------------------------------------
@@ -125,9 +125,7 @@ check_floats(globals(), 'beta1 beta2 dropout', 0, 1)
 check(2 <= act_bits <= 8, f"act_bits must be 2..8 (8: the b1.58 model; 4: W1.58A4), got {act_bits}")
 check(0.0 <= ema_decay < 1.0, f"ema_decay must be in [0, 1) (0: no moving average; e.g. 0.999), got {ema_decay}")
 check_optional_bools(globals(), 'compile cuda_graphs')
-check(n_embd % n_head == 0 and n_embd // n_head % 2 == 0, f"n_embd ({n_embd}) must be n_head ({n_head}) times an "
-      f"even head size (rotary embeddings turn pairs of numbers): change --n_embd or --n_head")
-check(n_kv_head is None or n_head % n_kv_head == 0, f"n_kv_head ({n_kv_head}) must divide n_head ({n_head})")
+check_heads(n_embd, n_head, n_kv_head)
 check(not os.path.isfile(out_dir), f"--out_dir={out_dir} is a file: name a directory (a new one, or a run's to resume)")
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 log_path = os.path.join(out_dir, 'train_log.jsonl')
