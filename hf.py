@@ -391,7 +391,8 @@ def gpt_state_dict_from_hf(tensors, model_args, linear_class, where):
         used.add('lm_head.weight')   # a tied checkpoint may store it anyway; transformers ignores it
     unexpected = sorted(k for k in set(tensors) - used if not k.endswith('rotary_emb.inv_freq'))
     if unexpected:
-        raise HFError(f"{where}: {unexpected[0]} is not a weight of BitNetForCausalLM as config.json describes it"
+        layout = 'BitNetForCausalLM' if model_args.get('sub_norms', True) else 'LlamaForCausalLM'
+        raise HFError(f"{where}: {unexpected[0]} is not a weight of the {layout} config.json describes"
                       f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}")
     return state
 

@@ -115,11 +115,8 @@ activation_checkpointing = False  # keep only each block's input and recompute i
                                   # pass: activation memory of about one block, for one more forward of compute
 # -----------------------------------------------------------------------------
 config_keys = list(settings_of(globals()))
-defaults = {k: globals()[k] for k in config_keys}
-configure(globals(), sys.argv[1:])
-# what the command set (a flag, or a config file's value other than the default): hf:DIR refuses shape settings
-explicit = {k for k in config_keys if globals()[k] != defaults[k]} | \
-    {a[2:].split('=', 1)[0] for a in sys.argv[1:] if a.startswith('--')}
+explicit = set()  # the settings a config file or a flag set: hf:DIR refuses shape settings among them
+configure(globals(), sys.argv[1:], explicit)
 config = {k: globals()[k] for k in config_keys}  # saved in the checkpoint and sent to wandb
 
 # every setting's range, and what out_dir holds, checked before torch is imported (2 s) or a file is touched
@@ -142,8 +139,6 @@ check(2 <= act_bits <= 8, f"act_bits must be 2..8 (8: the b1.58 model; 4: W1.58A
 check(0.0 <= ema_decay < 1.0, f"ema_decay must be in [0, 1) (0: no moving average; e.g. 0.999), got {ema_decay}")
 check_optional_bools(globals(), 'compile cuda_graphs')
 check(isinstance(sub_norms, bool), f"sub_norms must be True or False, got {sub_norms!r}")
-check(quant_warmup_iters == 0 or quant != 'none' or init_from == 'resume',
-      "quant_warmup_iters ramps in the quantization of BitLinear layers: quant='none' has none (use --quant=b1.58)")
 check_heads(n_embd, n_head, n_kv_head)
 check(not os.path.isfile(out_dir), f"--out_dir={out_dir} is a file: name a directory (a new one, or a run's to resume)")
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -316,6 +311,9 @@ else:
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     best_iter = checkpoint.get('best_iter', iter_num)
     wandb_run_id = checkpoint.get('wandb_run_id')
+if quant_warmup_iters and model_args['quant'] == 'none':  # e.g. a float hf:DIR, whose quant applies unless set
+    fail(f"quant_warmup_iters ramps in the quantization of BitLinear layers, and this model is float (quant='none'): "
+         f"add --quant=b1.58")
 for split, n in split_tokens.items():  # checked here, before an evaluation runs on a split that is too short
     if n <= block_size:
         fail(f"{data_path}/{split}.bin has {n} tokens, fewer than block_size + 1 ({block_size + 1}): "
@@ -661,6 +659,8 @@ while True:
 pbar.close()
 if master_process:
     print(f"best val loss {best_val_loss:.4f} at iter {best_iter}")
+    if device_type == 'cuda':
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (allocated by tensors)")
     log_file.close()
     if wandb_log:
         wandb.finish()

@@ -341,8 +341,8 @@ def test_released_2b4t_refusals(tmp_path, corpus_dir):
 
 
 def test_float_llama_turns_ternary_with_warmup_and_sub_norms(tmp_path):
-    """A float Llama directory fine-tuned with --quant=b1.58 --quant_warmup_iters: lambda 0 at the first
-    evaluation is the float model (its loss), sub_norms=True adds the sub-norms with weight 1."""
+    """A float Llama directory fine-tuned with --quant=b1.58 --quant_warmup_iters (refused without --quant: the
+    directory is float): lambda 0 at the first evaluation; sub_norms=True adds the sub-norms (weight 1, trained)."""
     tiny_llama(tmp_path / 'llama')
     vocab = save_tokenizer(tmp_path / 'llama', WORDS)
     config = json.loads((tmp_path / 'llama' / 'config.json').read_text())
@@ -353,9 +353,11 @@ def test_float_llama_turns_ternary_with_warmup_and_sub_norms(tmp_path):
     save_file(tensors, tmp_path / 'llama' / 'model.safetensors', metadata={'format': 'pt'})
     hf_dataset(tmp_path / 'data', 'words', tmp_path / 'llama')
     out = tmp_path / 'out'
-    r = script('train.py', *TINY[:2], '--block_size=32', '--batch_size=4', '--eval_iters=2',
-               f'--data_dir={tmp_path / "data"}', '--dataset=words', f'--init_from=hf:{tmp_path / "llama"}',
-               '--quant=b1.58', '--quant_warmup_iters=2', '--sub_norms=True', '--max_iters=2', '--eval_interval=1',
+    common = [*TINY[:2], '--block_size=32', '--batch_size=4', '--eval_iters=2', f'--data_dir={tmp_path / "data"}',
+              '--dataset=words', f'--init_from=hf:{tmp_path / "llama"}', '--quant_warmup_iters=2']
+    r = script('train.py', *common, f'--out_dir={out}')   # the directory's quant='none' unless --quant says
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and r.stderr.endswith("add --quant=b1.58\n")
+    r = script('train.py', *common, '--quant=b1.58', '--sub_norms=True', '--max_iters=2', '--eval_interval=1',
                '--dropout=0.0', f'--out_dir={out}', '--always_save_checkpoint=True')
     assert r.returncode == 0, r.stderr
     first = json.loads(open(out / 'train_log.jsonl').readline())
