@@ -253,7 +253,7 @@ def gpt_args_from_hf(config, where):
     if config.get('attention_bias') or config.get('mlp_bias'):
         raise HFError(f"{where} has biases in its projections: our GPT imports models without them")
     vocab = config['vocab_size']
-    for key in ('bos_token_id', 'eos_token_id', 'pad_token_id'):
+    for key in ('bos_token_id', 'eos_token_id'):
         ids = config.get(key)
         ids = ids if isinstance(ids, list) else [ids]
         if any(i is not None and not (isinstance(i, int) and 0 <= i < vocab) for i in ids):

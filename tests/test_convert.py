@@ -86,6 +86,14 @@ def test_gpt_quant_lambda_zero_is_the_float_model_and_compiles_once():
         assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
         assert torch.equal(outputs[0], float_model(idx, idx)[0]) and torch.equal(outputs[3], plain)
         assert not torch.equal(outputs[1], outputs[2])
+    binary = GPT(GPTConfig(**cfg, quant='b1')).eval()   # BitLinear1b mixes alike
+    binary.load_state_dict(float_model.state_dict())
+    with torch.no_grad():
+        plain = binary(idx, idx)[0]
+        binary.set_quant_lambda(0.0)
+        assert torch.equal(binary(idx, idx)[0], float_model(idx, idx)[0])
+        binary.set_quant_lambda(1.0)
+        assert torch.equal(binary(idx, idx)[0], plain)
 
 
 def test_quant_warmup_resumes_exactly(tmp_path, corpus_dir):
@@ -338,6 +346,10 @@ def test_released_2b4t_refusals(tmp_path, corpus_dir):
     with pytest.raises(HFError, match='another tokenizer'):
         check_finetuning_data(load_hf_checkpoint(str(d)), meta, 32, f'hf:{d}', 'data/other')
     check_finetuning_data(load_hf_checkpoint(str(d)), dict(meta, path=str(d)), 32, f'hf:{d}', 'data/words')
+    config = json.loads((d / 'config.json').read_text())
+    (d / 'config.json').write_text(json.dumps(dict(config, eos_token_id=[vocab - 1, vocab])))
+    with pytest.raises(HFError, match=f'has eos_token_id \\[{vocab - 1}, {vocab}\\], outside its vocabulary of {vocab}'):
+        load_hf_checkpoint(str(d))
 
 
 def test_float_llama_turns_ternary_with_warmup_and_sub_norms(tmp_path):
