@@ -67,6 +67,11 @@ back), computes W_b (x - eta), not W_b x: on Gaussian input its error is about 2
 of W_b x itself, and about 40% of the entries clip at Q_b. Nothing in this repo, and no format it
 reads or writes, needs that form, so it is not offered.
 
+Warm-up quantization (Hugging Face, "Fine-tuning LLMs to 1.58bit: extreme quantization made easy",
+2024), for turning a float model ternary: with lambda in [0, 1] a layer multiplies
+x + lambda * (x_q - x) and W + lambda * (W_q - W) (quant_mix), straight-through as above, so lambda = 0
+is the float layer and lambda = 1 the quantized one, bit for bit.
+
 Helpers: quantize_weight (int8 ternary tensor + scale), pack_ternary / unpack_ternary
 (the Hugging Face 2-bit layout, see below) and bitlinear_report (a check over a model).
 """
@@ -210,15 +215,30 @@ def dequantize_activation(x, config):
     return (x * s_x).round().clamp(-q - 1, q) / s_x
 
 
+def quant_mix(x, x_quantized, quant_lambda):
+    """The value a layer multiplies during warm-up quantization (Hugging Face, "Fine-tuning LLMs to
+    1.58bit: extreme quantization made easy", 2024): x + lambda * (quant(x) - x), computed as
+    torch.lerp, which returns x exactly at lambda = 0 and x_quantized exactly at lambda = 1, so both
+    ends are bit for bit the float and the quantized layer. quant_lambda: a 0-dim float32 tensor, or
+    None for x_quantized itself (no warm-up)."""
+    return x_quantized if quant_lambda is None else torch.lerp(x, x_quantized, quant_lambda.to(x.dtype))
+
+
 class BitLinear(BitLinearBase):
     """BitNet b1.58 linear layer: ternary weights, per-token act_bits-bit (int8) activations.
-    Options: BitLinearConfig (see BitLinearBase for the constructor)."""
+    Options: BitLinearConfig (see BitLinearBase for the constructor).
+
+    quant_lambda (None, or a 0-dim float32 tensor in [0, 1] on the layer's device): warm-up
+    quantization, quant_mix of the weights and of the activations (straight-through in both), for
+    turning a float model ternary; the trainer updates the tensor in place (train.py,
+    quant_warmup_iters), so a compiled graph reads the new value without recompiling."""
+    quant_lambda = None
 
     def forward(self, x):
         if self.norm is not None:
             x = self.norm(x)
-        if torch.compiler.is_compiling():
-            y = ternary_matmul_ste(x, self.weight, self.config)
+        if torch.compiler.is_compiling() or self.quant_lambda is not None:
+            y = ternary_matmul_ste(x, self.weight, self.config, self.quant_lambda)
         else:
             y = TernaryMatmul.apply(x, self.weight, self.config)
         if self.bias is not None:
@@ -226,12 +246,13 @@ class BitLinear(BitLinearBase):
         return y
 
 
-def ternary_matmul_ste(x, w, config):
-    """y = x_q @ W_q^T in the straight-through form, for torch.compile."""
+def ternary_matmul_ste(x, w, config, quant_lambda=None):
+    """y = x_q @ W_q^T in the straight-through form, for torch.compile (and for warm-up
+    quantization, which multiplies quant_mix(x, x_q) and quant_mix(W, W_q) instead)."""
     x = x.float()  # quantize in fp32 whatever autocast does around us
-    x_q = ste(x, dequantize_activation(x, config))                # x_int / s_x, identity gradient
-    s_w = weight_scale(w, config.eps).detach()                    # scalar
-    w_q = ste(w, (w / s_w).round().clamp(-1, 1) * s_w)            # W_t * s_w, identity gradient
+    x_q = ste(x, quant_mix(x, dequantize_activation(x, config), quant_lambda))    # x_int / s_x, identity gradient
+    s_w = weight_scale(w, config.eps).detach()                                      # scalar
+    w_q = ste(w, quant_mix(w, (w / s_w).round().clamp(-1, 1) * s_w, quant_lambda))  # W_t * s_w, identity gradient
     return F.linear(x_q, w_q)
 
 
@@ -276,17 +297,19 @@ class TernaryMatmul(torch.autograd.Function):
 
 class BitLinear1b(BitLinearBase):
     """Original BitNet linear layer: binary weights, absmax act_bits-bit activations.
-    Options: BitLinearConfig (see BitLinearBase for the constructor)."""
+    Options: BitLinearConfig (see BitLinearBase for the constructor); quant_lambda as BitLinear's."""
+    quant_lambda = None
 
     def forward(self, x):
         if self.norm is not None:
             x = self.norm(x)
         x = x.float()
-        x_q = ste(x, dequantize_activation_1b(x, self.config))   # x_q * gamma / Q_b, identity gradient
+        lam = self.quant_lambda
+        x_q = ste(x, quant_mix(x, dequantize_activation_1b(x, self.config), lam))  # x_q * gamma / Q_b, identity gradient
         w = self.weight
         beta = w.abs().mean().clamp(min=self.config.eps).detach()
         w_b = torch.where(w - w.mean().detach() > 0, 1.0, -1.0)  # sign(W - alpha), sign(0) = -1
-        y = F.linear(x_q, ste(w, w_b * beta))                   # dequantized, as for b1.58
+        y = F.linear(x_q, ste(w, quant_mix(w, w_b * beta, lam)))  # dequantized, as for b1.58
         if self.bias is not None:
             y = y + self.bias
         return y

@@ -62,8 +62,9 @@ def coerce(key, value, default, where):
     fail(f"{where}'{key}' must be {type(default).__name__}{finite}, got {value!r}")
 
 
-def configure(namespace, args):
-    """Apply config files and --key=value flags in args to the settings in namespace."""
+def configure(namespace, args, assigned=None):
+    """Apply config files and --key=value flags in args to the settings in namespace; the names they
+    set (to any value, the default's too) are added to the set assigned, when one is given."""
     settings = settings_of(namespace)   # the defaults: types are checked against these
     for arg in args:
         if not arg.startswith('--'):
@@ -88,6 +89,8 @@ def configure(namespace, args):
                 if key not in settings:
                     unknown(key, settings, f"{path}: ")
                 namespace[key] = coerce(key, value, settings[key], f"{path}: ")
+                if assigned is not None:
+                    assigned.add(key)
         else:
             if '=' not in arg:
                 fail(f"flag {arg} needs a value: write {arg}=VALUE")
@@ -102,6 +105,8 @@ def configure(namespace, args):
                 except (ValueError, SyntaxError):
                     value = raw
             namespace[key] = coerce(key, value, settings[key], "")
+            if assigned is not None:
+                assigned.add(key)
     return namespace
 
 

@@ -1,6 +1,7 @@
 """
 Export a checkpoint as a directory that Hugging Face transformers loads as BitNetForCausalLM
-(model_type 'bitnet', the format of BitNet b1.58 2B4T), so the model runs in transformers:
+(model_type 'bitnet', the format of BitNet b1.58 2B4T; a model without sub-norms as
+LlamaForCausalLM with the same bitnet quantization), so the model runs in transformers:
 
     python export.py --out_dir=out-shakespeare-char --to=hf-shakespeare-char
     python export.py --ckpt_path=out/ckpt.pt --to=hf-packed --variant=packed
@@ -15,8 +16,8 @@ inference only). A float baseline (quant='none') becomes a plain BitNetForCausal
 the conversion and what transformers does with each variant.
 
 The directory gets config.json, model.safetensors, the tokenizer (GPT-2 BPE: vocab.json,
-merges.txt and tokenizer_config.json for AutoTokenizer; character-level: vocab.json,
-character -> id), meta.json (our tokenizer meta data, for importing it back with hf:DIR) and
+merges.txt and tokenizer_config.json for AutoTokenizer; a transformers tokenizer: its files,
+copied; character-level: vocab.json, character -> id), meta.json (our tokenizer meta data, for importing it back with hf:DIR) and
 export.json (what was written, from which checkpoint). An existing directory is written into
 only when it is empty or holds an earlier export (export.json); nothing else in it is touched.
 """
@@ -35,8 +36,10 @@ from hf import (DTYPES, VARIANTS, HFError, gpt2_tokenizer_files, gpt_state_dict_
                 is_projection, progress)
 from prepare_data import DataError
 
-EXPORT_FILES = {'model.safetensors', 'config.json', 'vocab.json', 'merges.txt', 'tokenizer_config.json', 'meta.json',
-                'export.json'}  # every file export.py may write; it never deletes any other
+HF_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.json', 'merges.txt',
+                      'tokenizer.model')   # a transformers tokenizer's files, copied from its directory
+EXPORT_FILES = {'model.safetensors', 'config.json', 'meta.json', 'export.json',
+                *HF_TOKENIZER_FILES}  # every file export.py may write; it never deletes any other
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'            # reads out_dir/ckpt.pt ...
@@ -95,6 +98,13 @@ elif meta['tokenizer'] == 'gpt2':
         files.update(gpt2_tokenizer_files(model.config.block_size))
     except DataError as e:
         fail(str(e))
+elif meta['tokenizer'] == 'hf':   # a transformers tokenizer (a released model's, prepare_data.py --tokenizer=hf:DIR)
+    for name in HF_TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(meta['path'], name)):
+            with open(os.path.join(meta['path'], name), 'rb') as f:
+                files[name] = f.read()
+    if not files.keys() & {'tokenizer.json', 'tokenizer_config.json'}:
+        fail(f"{path}'s tokenizer directory {meta['path']} holds no tokenizer files: the export would have no tokenizer")
 elif meta['tokenizer'] == 'char':  # transformers has no character tokenizer: id i is meta['chars'][i]
     files['vocab.json'] = json.dumps({c: i for i, c in enumerate(meta['chars'])}, ensure_ascii=False, indent=0)
 if meta is not None:
@@ -102,8 +112,8 @@ if meta is not None:
 os.makedirs(to, exist_ok=True)
 save_file(tensors, os.path.join(to, 'model.safetensors'), metadata={'format': 'pt'})
 for name, text in files.items():
-    with open(os.path.join(to, name), 'w', encoding='utf-8') as f:
-        f.write(text)
+    with open(os.path.join(to, name), 'wb') as f:
+        f.write(text if isinstance(text, bytes) else text.encode('utf-8'))
 written = ['model.safetensors', *files, 'export.json']
 for name in (set(previous) & EXPORT_FILES) - set(written):   # left by the earlier export (e.g. GPT-2's merges.txt)
     if os.path.isfile(os.path.join(to, name)):
@@ -116,7 +126,7 @@ with open(record_path, 'w') as f:
 # report ---------------------------------------------------------------------------
 size = os.path.getsize(os.path.join(to, 'model.safetensors'))
 mode = config.get('quantization_config', {}).get('quantization_mode')
-print(f"wrote {to}/: BitNetForCausalLM, quant={model.config.quant}, variant {variant}"
+print(f"wrote {to}/: {config['architectures'][0]}, quant={model.config.quant}, variant {variant}"
       f"{f' (quantization_mode {mode})' if mode else ' (plain float)'}, {dtype}, "
       f"model.safetensors {size / 1e6:.2f} MB, files: {', '.join(written)}")
 if variant == 'master' and dtype == 'bfloat16' and model.config.quant == 'b1.58':

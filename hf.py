@@ -14,9 +14,29 @@ data, as in data/<name>/meta.json, so an import decodes as the original did) and
 config.json <-> GPTConfig: vocab_size, hidden_size = n_embd, intermediate_size,
 num_hidden_layers = n_layer, num_attention_heads = n_head, num_key_value_heads = n_kv_head,
 max_position_embeddings = block_size, rms_norm_eps = norm_eps, rope_theta,
-tie_word_embeddings = tie_embeddings; quantization_config {"quant_method": "bitnet"} means
-quant='b1.58', no quantization_config quant='none'. model.py uses the Hugging Face module names,
-so the state dict needs no renaming; lm_head.weight is left out when tied.
+tie_word_embeddings = tie_embeddings, hidden_act; quantization_config {"quant_method": "bitnet"}
+means quant='b1.58', no quantization_config quant='none'. model.py uses the Hugging Face module
+names, so the state dict needs no renaming; lm_head.weight is left out when tied.
+
+Two layouts: model_type 'bitnet' (BitNetForCausalLM: sub-norms, hidden_act 'relu2' as 2B4T, or
+'silu') is sub_norms=True; model_type 'llama' (LlamaForCausalLM: no sub-norms, hidden_act 'silu'
+in every Llama release) is sub_norms=False. Both use rotate-half rotary embeddings (Hugging Face
+Llama checkpoints are stored permuted for it), as model.py does. transformers' bitnet quantization
+applies to either (Hugging Face's Llama3-8B-1.58 is a LlamaForCausalLM with a bitnet
+quantization_config), so a b1.58 model without sub-norms exports as a quantized LlamaForCausalLM.
+bos_token_id and eos_token_id name tokens of the tokenizer, not of the model: import checks that
+they lie in the vocabulary; export writes those of the tokenizer it copies (GPT-2's <|endoftext|>,
+or a transformers tokenizer directory's config.json), None for a character vocabulary.
+
+The released BitNet b1.58 2B4T config.json (microsoft/bitnet-b1.58-2B-4T), field by field:
+vocab_size 128256, hidden_size 2560, intermediate_size 6912, num_hidden_layers 30,
+num_attention_heads 20, num_key_value_heads 5 (head_dim 128), max_position_embeddings 4096,
+rms_norm_eps 1e-5, rope_theta 500000.0, tie_word_embeddings true, hidden_act 'relu2',
+bos_token_id 128000, eos_token_id 128001, torch_dtype bfloat16, and quantization_config
+{"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"} (packed,
+weight_scale = 1 / s_w); initializer_range, use_cache and auto_map do not change the model.
+Its -bf16 sibling holds the latent weights without a quantization_config, which transformers runs
+as a float model and so does the import: fine-tune it with --quant=b1.58 (train.py).
 
 What transformers does with the two variants (read in transformers 5.23,
 integrations/bitnet.py, AutoBitLinear):
@@ -50,12 +70,12 @@ from tqdm import tqdm
 
 from bitlinear import pack_ternary, quantize_weight, unpack_2bit, weight_scale
 from checkpoint import CheckpointError
-from model import GPT, PROJECTIONS, GPTConfig
+from model import ACTIVATIONS, GPT, PROJECTIONS, GPTConfig
 from prepare_data import gpt2_encoding
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
 VARIANTS = ('master', 'packed')
-ROPE_THETA_DEFAULT = 500000.0   # BitNetConfig's when config.json names none
+ROPE_THETA = {'bitnet': 500000.0, 'llama': 10000.0}   # BitNetConfig's and LlamaConfig's when config.json names none
 GPT2_EOT = 50256                # <|endoftext|>, GPT-2's only special token
 
 
@@ -78,8 +98,25 @@ def is_projection(name):
 # -----------------------------------------------------------------------------
 # ours -> transformers
 
+def hf_special_ids(meta):
+    """(bos_token_id, eos_token_id) of a tokenizer's meta data: GPT-2's <|endoftext|> for both,
+    a transformers tokenizer directory's config.json values (else its tokenizer's), None for a
+    character vocabulary or none at all."""
+    if meta and meta.get('tokenizer') == 'gpt2':
+        return GPT2_EOT, GPT2_EOT
+    if meta and meta.get('tokenizer') == 'hf' and meta.get('path'):
+        config_path = os.path.join(meta['path'], 'config.json')
+        if os.path.isfile(config_path):
+            config = read_json(config_path, 'config.json')
+            return config.get('bos_token_id'), config.get('eos_token_id')
+        tokenizer = hf_tokenizer(meta['path'])
+        return tokenizer.bos_token_id, tokenizer.eos_token_id
+    return None, None
+
+
 def hf_config(model_args, variant, dtype, meta):
-    """config.json of the BitNetForCausalLM equal to a GPT of model_args."""
+    """config.json of the BitNetForCausalLM (or, without sub-norms, LlamaForCausalLM) equal to a GPT
+    of model_args."""
     cfg = GPTConfig(**model_args)
     if cfg.quant == 'b1':
         raise HFError("a b1 (binary) model cannot be exported: transformers' BitNet format holds ternary "
@@ -90,28 +127,30 @@ def hf_config(model_args, variant, dtype, meta):
                       f"8-bit symmetric activations without a bias (sample.py samples from the checkpoint itself)")
     if variant == 'packed' and cfg.quant != 'b1.58':
         raise HFError("a float model (quant='none') has no ternary weights to pack: export it with --variant=master")
-    eot = GPT2_EOT if meta and meta.get('tokenizer') == 'gpt2' else None
+    bos, eos = hf_special_ids(meta)
     config = dict(
-        architectures=['BitNetForCausalLM'],
-        model_type='bitnet',
+        architectures=['BitNetForCausalLM' if cfg.sub_norms else 'LlamaForCausalLM'],
+        model_type='bitnet' if cfg.sub_norms else 'llama',
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.n_embd,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.n_layer,
         num_attention_heads=cfg.n_head,
         num_key_value_heads=cfg.n_kv_head,
-        hidden_act='relu2',
+        hidden_act=cfg.hidden_act,
         max_position_embeddings=cfg.block_size,
         rms_norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta,
         tie_word_embeddings=cfg.tie_embeddings,
         attention_bias=False,
         attention_dropout=0.0,
-        bos_token_id=eot,   # None for a character-level vocabulary (BitNetConfig's default is Llama 3's)
-        eos_token_id=eot,
+        bos_token_id=bos,   # None for a character-level vocabulary (BitNetConfig's default is Llama 3's)
+        eos_token_id=eos,
         pad_token_id=None,
         torch_dtype=dtype,
     )
+    if not cfg.sub_norms:
+        config.update(mlp_bias=False, head_dim=cfg.n_embd // cfg.n_head)
     if cfg.quant == 'b1.58':
         config['quantization_config'] = dict(quant_method='bitnet', linear_class='autobitlinear',
                                              quantization_mode='online' if variant == 'master' else 'offline')
@@ -192,7 +231,7 @@ def read_json(path, what):
         with open(path, encoding='utf-8') as f:
             return json.load(f)
     except OSError:
-        raise HFError(f"no {what} at {path}: point hf:DIR at a transformers BitNet directory "
+        raise HFError(f"no {what} at {path}: point hf:DIR at a transformers BitNet or Llama directory "
                       f"(python export.py writes one)") from None
     except ValueError as e:
         raise HFError(f"{path} is not valid JSON ({e})") from None
@@ -200,16 +239,25 @@ def read_json(path, what):
 
 def gpt_args_from_hf(config, where):
     """(GPTConfig fields, linear_class) of a config.json; HFError for anything our GPT cannot be."""
-    if config.get('model_type') != 'bitnet':
-        raise HFError(f"{where} holds a model of type {config.get('model_type')!r}, not 'bitnet' "
-                      f"(BitNetForCausalLM): only BitNet checkpoints can be read")
+    model_type = config.get('model_type')
+    if model_type not in ('bitnet', 'llama'):
+        raise HFError(f"{where} holds a model of type {model_type!r}: only 'bitnet' (BitNetForCausalLM) and "
+                      f"'llama' (LlamaForCausalLM) checkpoints can be read")
     missing = [k for k in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
-                           'num_attention_heads', 'num_key_value_heads') if config.get(k) is None]
+                           'num_attention_heads') if config.get(k) is None]
     if missing:
         raise HFError(f"{where}/config.json has no {missing[0]}")
-    if config.get('hidden_act', 'relu2') != 'relu2' or config.get('attention_bias') or config.get('mlp_bias'):
-        raise HFError(f"{where} has hidden_act {config.get('hidden_act')!r} or biases: our GPT has a "
-                      f"squared-ReLU MLP ('relu2') and no biases")
+    hidden_act = config.get('hidden_act', 'relu2' if model_type == 'bitnet' else 'silu')   # the configs' defaults
+    if hidden_act not in ACTIVATIONS:
+        raise HFError(f"{where} has hidden_act {hidden_act!r}: our GPT's MLP gates with one of {', '.join(ACTIVATIONS)}")
+    if config.get('attention_bias') or config.get('mlp_bias'):
+        raise HFError(f"{where} has biases in its projections: our GPT imports models without them")
+    vocab = config['vocab_size']
+    for key in ('bos_token_id', 'eos_token_id'):
+        ids = config.get(key)
+        ids = ids if isinstance(ids, list) else [ids]
+        if any(i is not None and not (isinstance(i, int) and 0 <= i < vocab) for i in ids):
+            raise HFError(f"{where}/config.json has {key} {config[key]}, outside its vocabulary of {vocab} tokens")
     rope = config.get('rope_parameters') or config.get('rope_scaling') or {}
     if rope.get('rope_type', rope.get('type', 'default')) != 'default':
         raise HFError(f"{where} uses rope_type {rope.get('rope_type', rope.get('type'))!r}; only plain "
@@ -236,13 +284,15 @@ def gpt_args_from_hf(config, where):
         intermediate_size=config['intermediate_size'],
         n_layer=config['num_hidden_layers'],
         n_head=config['num_attention_heads'],
-        n_kv_head=config['num_key_value_heads'],
+        n_kv_head=config.get('num_key_value_heads') or config['num_attention_heads'],   # the configs' default
         block_size=config.get('max_position_embeddings', 2048),
         norm_eps=config.get('rms_norm_eps', 1e-5),
-        rope_theta=float(rope.get('rope_theta', config.get('rope_theta', ROPE_THETA_DEFAULT))),
+        rope_theta=float(rope.get('rope_theta', config.get('rope_theta', ROPE_THETA[model_type]))),
         tie_embeddings=bool(config.get('tie_word_embeddings', False)),
         quant='b1.58' if qc is not None else 'none',
         dropout=0.0,
+        hidden_act=hidden_act,
+        sub_norms=model_type == 'bitnet',
     )
     try:
         GPTConfig(**args)
@@ -341,7 +391,8 @@ def gpt_state_dict_from_hf(tensors, model_args, linear_class, where):
         used.add('lm_head.weight')   # a tied checkpoint may store it anyway; transformers ignores it
     unexpected = sorted(k for k in set(tensors) - used if not k.endswith('rotary_emb.inv_freq'))
     if unexpected:
-        raise HFError(f"{where}: {unexpected[0]} is not a weight of BitNetForCausalLM as config.json describes it"
+        layout = 'BitNetForCausalLM' if model_args.get('sub_norms', True) else 'LlamaForCausalLM'
+        raise HFError(f"{where}: {unexpected[0]} is not a weight of the {layout} config.json describes"
                       f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}")
     return state
 
@@ -364,16 +415,43 @@ def load_hf_checkpoint(path):
     return checkpoint
 
 
+def hf_tokenizer(path):
+    """transformers' AutoTokenizer of a directory, or HFError."""
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise HFError(f"could not load the tokenizer of {path} with transformers ({type(e).__name__}): "
+                      f"pip install transformers, or check its tokenizer files") from None
+
+
+def same_hf_tokenizer(a, b):
+    """Whether the transformers tokenizers of directories a and b are one tokenizer: the same
+    directory, or the same vocabulary (token -> id, added tokens included) and special tokens."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    ta, tb = hf_tokenizer(a), hf_tokenizer(b)
+    return ta.get_vocab() == tb.get_vocab() and ta.all_special_tokens == tb.all_special_tokens
+
+
 def check_finetuning_data(checkpoint, meta, block_size, where, data_path):
-    """Fine-tuning continues the model's own vocabulary: the dataset must be tokenized with it, and
-    its sequences must fit the model's rotary tables (max_position_embeddings)."""
+    """Fine-tuning continues the model's own vocabulary: the dataset must be tokenized with it (the
+    same meta data as export.py's meta.json, or for a directory with its own transformers tokenizer,
+    a dataset tokenized with that tokenizer: prepare_data.py --tokenizer=hf:DIR), and its
+    sequences must fit the model's rotary tables (max_position_embeddings)."""
     own = checkpoint.get('tokenizer')
     strip = lambda m: {k: v for k, v in m.items() if k != 'dtype'}
     vocab = checkpoint['model_args']['vocab_size']
+    other = (f"{where} was trained with another tokenizer ({own['tokenizer'] if own else ''}, {vocab} tokens) than "
+             f"{data_path} ({meta['tokenizer']}, {meta['vocab_size']} tokens): fine-tune it on a dataset prepared "
+             f"with its own tokenizer")
     if own is not None and own['tokenizer'] != 'hf' and strip(own) != strip(meta):
-        raise HFError(f"{where} was trained with another tokenizer ({own['tokenizer']}, {own['vocab_size']} tokens) "
-                      f"than {data_path} ({meta['tokenizer']}, {meta['vocab_size']} tokens): fine-tune it on a "
-                      f"dataset prepared with its own tokenizer")
+        raise HFError(other)
+    if own is not None and own['tokenizer'] == 'hf':
+        if meta.get('tokenizer') != 'hf' or not meta.get('path'):
+            raise HFError(other + f" (python prepare_data.py NAME --input=... --tokenizer=hf:{own['path']})")
+        if not same_hf_tokenizer(own['path'], meta['path']):
+            raise HFError(other.replace(f"({meta['tokenizer']},", f"(hf:{meta['path']},"))
     if meta['vocab_size'] != vocab:
         raise HFError(f"{where} has a vocabulary of {vocab} tokens, {data_path} one of {meta['vocab_size']}: "
                       f"fine-tune it on a dataset prepared with the model's own tokenizer")

@@ -7,8 +7,10 @@ A minimal GPT whose projections are BitLinear layers, in the layout of BitNet b1
 - pre-norm residual blocks, RMSNorm with a learned weight everywhere (eps = norm_eps)
 - grouped-query attention (n_kv_head divides n_head), then attn_sub_norm, then o_proj
 - gated squared-ReLU MLP: down_proj(ffn_sub_norm(relu(gate_proj(x))^2 * up_proj(x)))
+  (hidden_act='silu': silu(gate_proj(x)) * up_proj(x), Llama's SwiGLU)
 - SubLN: the sub-norms sit in front of o_proj and down_proj, the block's own pre-norms in
-  front of the other projections, so every BitLinear sees normalized input
+  front of the other projections, so every BitLinear sees normalized input (sub_norms=False
+  drops attn_sub_norm and ffn_sub_norm: the Llama layout, for importing float Llama checkpoints)
 - no biases (bias=True gives the 7 projections one); a final RMSNorm; lm_head and the embedding
   stay full precision, optionally tied
 - quant selects the 7 projections of every block: 'b1.58' BitLinear (ternary),
@@ -31,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from bitlinear import BitLinear, BitLinear1b, BitLinearConfig, RMSNorm
 
 QUANT_MODES = ('b1.58', 'b1', 'none')
+ACTIVATIONS = {'relu2': lambda x: F.relu(x).square(), 'silu': F.silu}   # hidden_act -> the MLP's gate function
 PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')  # a block's linears
 
 
@@ -61,6 +64,8 @@ class GPTConfig:
     act_bits: int = 8               # bits per activation of the BitLinear projections (2..8)
     bias: bool = False              # a bias in every projection (the b1.58 architecture has none)
     before_nonlinear: bool = False  # down_proj quantizes its input over min(x)..max(x) (bitlinear.py)
+    hidden_act: str = 'relu2'       # the MLP's gate: 'relu2' (relu(x)^2, BitNet b1.58 2B4T) or 'silu' (Llama)
+    sub_norms: bool = True          # attn_sub_norm and ffn_sub_norm in front of o_proj and down_proj (SubLN)
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -69,6 +74,8 @@ class GPTConfig:
             self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.quant not in QUANT_MODES:
             raise ValueError(f"quant must be one of {QUANT_MODES}, got {self.quant!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {tuple(ACTIVATIONS)}, got {self.hidden_act!r}")
         if self.quant == 'none' and (self.act_bits != 8 or self.before_nonlinear):
             raise ValueError("act_bits and before_nonlinear set the BitLinear layers' quantizer: "
                              "quant='none' has none (use quant='b1.58' or 'b1')")
@@ -163,13 +170,13 @@ class Attention(nn.Module):
         self.q_proj = make_linear(config, config.n_embd, config.n_embd)
         self.k_proj = make_linear(config, config.n_embd, kv_dim)
         self.v_proj = make_linear(config, config.n_embd, kv_dim)
-        self.attn_sub_norm = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn_sub_norm = RMSNorm(config.n_embd, eps=config.norm_eps) if config.sub_norms else None
         self.o_proj = make_linear(config, config.n_embd, config.n_embd)
         self.dropout = config.dropout
 
     def forward(self, x, cos, sin, kv_cache=None):
         y = self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, kv_cache)
-        return self.o_proj(self.attn_sub_norm(y))
+        return self.o_proj(y if self.attn_sub_norm is None else self.attn_sub_norm(y))
 
     def attend(self, q, k, v, cos, sin, kv_cache=None, qkv=None):
         """Projected q (B, T, n_embd), k, v (B, T, kv_dim) -> attention output (B, T, n_embd),
@@ -196,12 +203,13 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_proj = make_linear(config, config.n_embd, config.intermediate_size)
         self.up_proj = make_linear(config, config.n_embd, config.intermediate_size)
-        self.ffn_sub_norm = RMSNorm(config.intermediate_size, eps=config.norm_eps)
+        self.ffn_sub_norm = RMSNorm(config.intermediate_size, eps=config.norm_eps) if config.sub_norms else None
         self.down_proj = make_linear(config, config.intermediate_size, config.n_embd, follows_nonlinearity=True)
+        self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x):
-        h = F.relu(self.gate_proj(x)).square() * self.up_proj(x)   # squared ReLU, gated
-        return self.down_proj(self.ffn_sub_norm(h))
+        h = self.act(self.gate_proj(x)) * self.up_proj(x)   # gated: relu(gate)^2 * up, or silu(gate) * up
+        return self.down_proj(h if self.ffn_sub_norm is None else self.ffn_sub_norm(h))
 
 
 class Block(nn.Module):
@@ -260,6 +268,24 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
+
+    def set_quant_lambda(self, value):
+        """Warm-up quantization (bitlinear.quant_mix) of every BitLinear: value in [0, 1], or None
+        for the plain quantized layers. One 0-dim float32 tensor, shared by all layers, is created at
+        the first call (on the model's device) and then updated in place, so a compiled model reads
+        each new value without recompiling."""
+        layers = [m for m in self.modules() if isinstance(m, (BitLinear, BitLinear1b))]
+        if value is None:
+            for m in layers:
+                m.quant_lambda = None
+            return
+        shared = next((m.quant_lambda for m in layers if m.quant_lambda is not None), None)
+        if shared is None:
+            shared = torch.tensor(float(value), device=self.lm_head.weight.device)
+            for m in layers:
+                m.quant_lambda = shared
+        else:
+            shared.fill_(float(value))
 
     def get_num_params(self, non_embedding=True):
         """Parameter count; non_embedding leaves out the token embedding (kept if it is tied)."""

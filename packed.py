@@ -9,8 +9,9 @@ q, k, v (input_layernorm) and gate, up (post_attention_layernorm); o and down st
 fused matrix is packed with the Hugging Face block-strided layout (bitlinear.pack_ternary):
 packed row r holds rows r, r + R, r + 2R, r + 3R. For [gate; up] (out = 2I, R = I / 2) one
 packed row therefore holds gate[r], gate[r + R], up[r], up[r + R], so a kernel can apply
-relu(gate)^2 * up without leaving its registers. Every packed linear also applies the RMSNorm
-that precedes it and quantizes the activations itself, and o and down add the residual:
+relu(gate)^2 * up without leaving its registers (so hidden_act='silu' models are not packed). Every
+packed linear also applies the RMSNorm that precedes it (none for o and down when sub_norms=False)
+and quantizes the activations itself, and o and down add the residual:
 
     qkv     = PackedLinear(input_layernorm)             -> rope, attention, attn_sub_norm ...
     x       = x + PackedLinear(attn_sub_norm)(attn)     (epilogue 'residual')
@@ -130,6 +131,9 @@ def pack_model(model, weights=None):
     if options:
         raise ValueError(f"a model with {options} cannot be packed: packed layers compute 8-bit symmetric "
                          f"activations without a bias (sample.py samples from the training checkpoint itself)")
+    if model.config.hidden_act != 'relu2':
+        raise ValueError(f"a model with hidden_act='{model.config.hidden_act}' cannot be packed: packed layers fuse "
+                         f"relu(gate)^2 * up into the gate/up kernel (sample.py samples from the training checkpoint itself)")
     layers = tqdm(model.model.layers, desc='packing', unit='layer', leave=False,   # on a terminal only
                   disable=not sys.stderr.isatty() or len(model.model.layers) < 8)
     for i, block in enumerate(layers):

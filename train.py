@@ -42,7 +42,10 @@ eval_iters = 200           # batches per split in an evaluation
 eval_only = False          # evaluate once and exit
 always_save_checkpoint = False  # save at every evaluation, not only when val loss improves
 init_from = 'scratch'      # 'scratch', 'resume' (from out_dir/ckpt.pt) or 'hf:DIR' (start from the weights of a
-                           # transformers BitNetForCausalLM directory, e.g. export.py's; hf.py)
+                           # transformers BitNetForCausalLM or LlamaForCausalLM directory, e.g. export.py's; hf.py).
+                           # hf:DIR's architecture is the directory's: a model-shape setting set to another value
+                           # is refused; quant, act_bits, before_nonlinear, dropout and sub_norms=True (adds the
+                           # sub-norms, weights 1, to a Llama layout) apply to it
 # wandb logging (imported only when on)
 wandb_log = False
 wandb_project = 'bitnet'
@@ -66,6 +69,14 @@ bias = False               # a bias in every projection (pack.py and export.py r
 before_nonlinear = False   # down_proj quantizes its input over min..max and adds the shift back (bitlinear.py)
 tie_embeddings = False
 rope_theta = 10000.0
+hidden_act = 'relu2'       # the MLP's gate: 'relu2' (relu(x)^2, BitNet b1.58 2B4T) or 'silu' (Llama)
+sub_norms = True           # attn_sub_norm, ffn_sub_norm in front of o_proj, down_proj (SubLN; False: the Llama layout)
+quant_warmup_iters = 0     # > 0: warm-up quantization over the first this many iterations, for turning a float model
+                           # (quant='none' checkpoint, or float Llama directory) ternary with --quant=b1.58: every
+                           # BitLinear multiplies x + lambda * (quant(x) - x), weights alike, with lambda = min(iter /
+                           # quant_warmup_iters, 1), a linear ramp per step as Hugging Face's "Fine-tuning LLMs to 1.58bit"
+                           # (its 10B-token runs: lambda = min(step / 1000, 1)); lambda < 1 evaluations are logged but
+                           # never counted as the best model or saved as one (0: quantized from the first step)
 # AdamW
 learning_rate = 1e-3       # peak learning rate
 max_iters = 5000           # optimizer steps
@@ -104,12 +115,14 @@ activation_checkpointing = False  # keep only each block's input and recompute i
                                   # pass: activation memory of about one block, for one more forward of compute
 # -----------------------------------------------------------------------------
 config_keys = list(settings_of(globals()))
-configure(globals(), sys.argv[1:])
+explicit = set()  # the settings a config file or a flag set: hf:DIR refuses shape settings among them
+configure(globals(), sys.argv[1:], explicit)
 config = {k: globals()[k] for k in config_keys}  # saved in the checkpoint and sent to wandb
 
 # every setting's range, and what out_dir holds, checked before torch is imported (2 s) or a file is touched
 check_choice(globals(), 'quant', ('b1.58', 'b1', 'none'))   # model.QUANT_MODES
 check_choice(globals(), 'lr_schedule', ('cosine', 'two_stage'))
+check_choice(globals(), 'hidden_act', ('relu2', 'silu'))   # model.ACTIVATIONS
 check(init_from in ('scratch', 'resume') or init_from.startswith('hf:'),
       f"init_from must be 'scratch', 'resume' or 'hf:DIR', got '{init_from}'")
 check_choice(globals(), 'dtype', ('auto', 'float32', 'bfloat16', 'float16'))
@@ -118,13 +131,14 @@ check_device(device)
 check_ints(globals(), 'eval_interval log_interval eval_iters batch_size block_size gradient_accumulation_steps '
                       'n_layer n_head n_embd', 1)
 check_ints(globals(), 'n_kv_head intermediate_size', 1, allow_none=True)
-check_ints(globals(), 'max_iters warmup_iters lr_decay_iters seed', 0)
+check_ints(globals(), 'max_iters warmup_iters lr_decay_iters seed quant_warmup_iters', 0)
 check_floats(globals(), 'learning_rate rope_theta', 0, low_open=True)
 check_floats(globals(), 'min_lr stage2_lr weight_decay grad_clip', 0)
 check_floats(globals(), 'beta1 beta2 dropout', 0, 1)
 check(2 <= act_bits <= 8, f"act_bits must be 2..8 (8: the b1.58 model; 4: W1.58A4), got {act_bits}")
 check(0.0 <= ema_decay < 1.0, f"ema_decay must be in [0, 1) (0: no moving average; e.g. 0.999), got {ema_decay}")
 check_optional_bools(globals(), 'compile cuda_graphs')
+check(isinstance(sub_norms, bool), f"sub_norms must be True or False, got {sub_norms!r}")
 check_heads(n_embd, n_head, n_kv_head)
 check(not os.path.isfile(out_dir), f"--out_dir={out_dir} is a file: name a directory (a new one, or a run's to resume)")
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -236,7 +250,7 @@ def get_batch(split, purpose, *key):
 model_args = dict(block_size=block_size, vocab_size=meta['vocab_size'], n_layer=n_layer, n_head=n_head,
                   n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=intermediate_size, dropout=dropout,
                   quant=quant, tie_embeddings=tie_embeddings, rope_theta=rope_theta, act_bits=act_bits, bias=bias,
-                  before_nonlinear=before_nonlinear)
+                  before_nonlinear=before_nonlinear, hidden_act=hidden_act, sub_norms=sub_norms)
 iter_num, best_val_loss, best_iter = 0, float('inf'), 0
 wandb_run_id = None  # a resumed run logs on in the wandb run its checkpoint names
 torch.manual_seed(seed)  # the same initial weights on every rank
@@ -250,7 +264,24 @@ elif init_from.startswith('hf:'):  # a new run from a transformers directory's w
     try:
         checkpoint = load_hf_checkpoint(init_from[3:])
         check_finetuning_data(checkpoint, meta, block_size, init_from, data_path)
-        model_args = {**checkpoint['model_args'], 'dropout': dropout}
+        own = checkpoint['model_args']
+        # the directory's shape; the quantizer's settings and dropout are this run's, and sub_norms=True adds
+        # sub-norms (weights 1) to a Llama layout, the RMSNorm in front of o_proj and down_proj that Hugging Face's
+        # 1.58-bit fine-tuning puts in front of every BitLinear (q, k, v, gate, up read the block's pre-norms)
+        for k in ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermediate_size', 'tie_embeddings', 'rope_theta',
+                  'hidden_act', 'bias', 'sub_norms'):
+            if k in explicit and model_args[k] != own.get(k, GPTConfig.__dataclass_fields__[k].default) and \
+                    not (k == 'sub_norms' and model_args[k]):
+                fail(f"--{k}={model_args[k]} conflicts with {init_from}, whose {k} is {own.get(k)}: the architecture "
+                     f"is the directory's; drop --{k} (quant, act_bits, before_nonlinear, dropout and sub_norms=True "
+                     f"apply to an imported model)")
+        model_args = {**own, 'dropout': dropout,
+                      **{k: model_args[k] for k in ('quant', 'act_bits', 'before_nonlinear', 'sub_norms') if k in explicit}}
+        if model_args['sub_norms'] and not own.get('sub_norms', True):
+            for i in range(model_args['n_layer']):
+                checkpoint['model'][f'model.layers.{i}.self_attn.attn_sub_norm.weight'] = torch.ones(model_args['n_embd'])
+                checkpoint['model'][f'model.layers.{i}.mlp.ffn_sub_norm.weight'] = torch.ones(model_args['intermediate_size'])
+        checkpoint['model_args'] = model_args
         model = model_from_checkpoint(checkpoint, init_from, dropout=dropout)
     except CheckpointError as e:
         fail(str(e))
@@ -273,9 +304,16 @@ else:
         model = model_from_checkpoint(trained, ckpt_path, dropout=dropout)
     except CheckpointError as e:
         fail(str(e))
+    saved_warmup = checkpoint.get('config', {}).get('quant_warmup_iters', 0)   # the run's own ramp, whatever the flags
+    if saved_warmup != quant_warmup_iters and master_process:
+        print(f"resuming with the checkpoint's quant_warmup_iters={saved_warmup} (not the settings')")
+    quant_warmup_iters = config['quant_warmup_iters'] = saved_warmup
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     best_iter = checkpoint.get('best_iter', iter_num)
     wandb_run_id = checkpoint.get('wandb_run_id')
+if quant_warmup_iters and model_args['quant'] == 'none':  # e.g. a float hf:DIR, whose quant applies unless set
+    fail(f"quant_warmup_iters ramps in the quantization of BitLinear layers, and this model is float (quant='none'): "
+         f"add --quant=b1.58")
 for split, n in split_tokens.items():  # checked here, before an evaluation runs on a split that is too short
     if n <= block_size:
         fail(f"{data_path}/{split}.bin has {n} tokens, fewer than block_size + 1 ({block_size + 1}): "
@@ -297,6 +335,18 @@ if fsdp:
     fully_shard(model, mp_policy=policy)      # the embedding, the final norm and lm_head
 else:
     model.to(device)
+
+
+def get_quant_lambda(it):
+    """Warm-up quantization's lambda at iteration it (quant_warmup_iters above); None once it is 1 (or
+    without a warm-up): the plain quantized layers, the same numbers bit for bit (bitlinear.quant_mix)."""
+    if quant_warmup_iters == 0 or it >= quant_warmup_iters:
+        return None
+    return it / quant_warmup_iters
+
+
+quant_lambda = get_quant_lambda(iter_num)
+model.set_quant_lambda(quant_lambda)  # before torch.compile: the shared tensor is then updated in place
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 
 # Checkpoints hold whole tensors whatever the sharding, and the optimizer's state keyed by position, as
@@ -496,6 +546,9 @@ local_iter = 0  # iterations of this process (the first ones include compilation
 t0, timed = time.time(), 0  # the clock and the iterations run since the last log or evaluation
 while True:
     lr, wd = get_lr(iter_num), get_weight_decay(iter_num)
+    if quant_lambda is not None:  # one change of graph when the ramp ends (None: the plain layers)
+        quant_lambda = get_quant_lambda(iter_num)
+        raw_model.set_quant_lambda(quant_lambda)
     for group in optimizer.param_groups:
         group['lr'] = lr
     optimizer.param_groups[0]['weight_decay'] = wd  # the decayed group (configure_optimizers)
@@ -509,14 +562,18 @@ while True:
         with averaged_weights():
             losses = estimate_loss()
         record.update(train_loss=losses['train'], val_loss=losses['val'], lr=lr)
+        if quant_lambda is not None:
+            record['quant_lambda'] = quant_lambda
         if not all(map(math.isfinite, losses.values())):
             stop_diverged("the evaluation loss", iter_num)
         if master_process:
             tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" +
+                       (f" (warm-up quantization, lambda {quant_lambda:.3f})" if quant_lambda is not None else "") +
                        (f" (moving average; the trained weights: val loss {record['val_loss_trained_weights']:.4f})"
                         if ema is not None else ""))
             log(record)
-        if losses['val'] < best_val_loss:  # the same decision on every rank: all-reduced losses are equal
+        # the same decision on every rank: all-reduced losses are equal; a partly quantized model is never the best
+        if losses['val'] < best_val_loss and quant_lambda is None:
             best_val_loss, best_iter = losses['val'], iter_num
             improved = True
         else:
@@ -602,6 +659,8 @@ while True:
 pbar.close()
 if master_process:
     print(f"best val loss {best_val_loss:.4f} at iter {best_iter}")
+    if device_type == 'cuda':
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (allocated by tensors)")
     log_file.close()
     if wandb_log:
         wandb.finish()

@@ -328,7 +328,7 @@ def test_transformers_model_imports_with_equal_logits(tmp_path, kind):
     assert checkpoint['model_args'] == dict(vocab_size=50, n_embd=64, intermediate_size=128, n_layer=2, n_head=4,
                                             n_kv_head=2, block_size=32, norm_eps=1e-5, rope_theta=10000.0,
                                             tie_embeddings=False, quant='none' if kind == 'float' else 'b1.58',
-                                            dropout=0.0)
+                                            dropout=0.0, hidden_act='relu2', sub_norms=True)
     ours = model_from_checkpoint(checkpoint, str(d)).eval()
     diff, tol, flips = logit_diff(ours, theirs, probe(50))
     print(f"\ntransformers {kind} -> ours: max |logit diff| {diff:.3g} (tolerance {tol:.3g}), {flips} flips")
@@ -357,7 +357,8 @@ def test_round_trip_master_gives_identical_weights(checkpoints, exports):
                                           intermediate_size=cfg.intermediate_size, n_layer=cfg.n_layer,
                                           n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, block_size=cfg.block_size,
                                           norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-                                          tie_embeddings=cfg.tie_embeddings, quant=cfg.quant, dropout=0.0)
+                                          tie_embeddings=cfg.tie_embeddings, quant=cfg.quant, dropout=0.0,
+                                          hidden_act='relu2', sub_norms=True)
         original = model.state_dict()
         assert back['model'].keys() == original.keys()
         assert all(torch.equal(back['model'][k], original[k]) for k in original), name
@@ -422,7 +423,8 @@ def test_sample_from_hf_dir_equals_sample_from_checkpoint(checkpoints, exports):
 def test_finetune_from_hf_dir(tmp_path, corpus_dir, checkpoints, exports):
     meta = checkpoints['gqa'][2]
     out = tmp_path / 'out'
-    r = run('train.py', *TINY, f'--data_dir={corpus_dir}', '--dataset=tiny', f'--out_dir={out}',
+    no_shape = [a for a in TINY if not a.startswith(('--n_layer', '--n_head', '--n_embd'))]   # the directory's
+    r = run('train.py', *no_shape, f'--data_dir={corpus_dir}', '--dataset=tiny', f'--out_dir={out}',
             f'--init_from=hf:{exports["gqa", "master"]}', '--max_iters=2', '--eval_interval=2')
     assert r.returncode == 0, r.stderr
     log = [json.loads(line) for line in open(out / 'train_log.jsonl')]
@@ -503,8 +505,10 @@ def test_import_errors(tmp_path, exports):
             os.remove(d / remove)
         return str(d)
 
-    with pytest.raises(HFError, match="model of type 'llama', not 'bitnet'"):
-        load_hf_checkpoint(broken('llama', lambda c: c.update(model_type='llama')))
+    with pytest.raises(HFError, match="model of type 'mistral': only 'bitnet'"):
+        load_hf_checkpoint(broken('mistral', lambda c: c.update(model_type='mistral')))
+    with pytest.raises(HFError, match='sub_norm.weight is not a weight of the LlamaForCausalLM config.json describes'):
+        load_hf_checkpoint(broken('llama', lambda c: c.update(model_type='llama')))   # a BitNet model called Llama
     with pytest.raises(HFError, match='no config.json at'):
         load_hf_checkpoint(broken('noconfig', remove='config.json'))
     with pytest.raises(HFError, match='has no model.safetensors'):
@@ -538,8 +542,8 @@ def test_import_errors(tmp_path, exports):
     with pytest.raises(HFError, match='no directory at'):
         load_hf_checkpoint(str(tmp_path / 'nowhere'))
     # through sample.py: one line, exit code 2
-    r = run('sample.py', f'--ckpt_path=hf:{tmp_path / "llama"}', '--device=cpu')
-    assert r.returncode == 2 and "not 'bitnet'" in r.stderr and r.stderr.count('\n') == 1
+    r = run('sample.py', f'--ckpt_path=hf:{tmp_path / "mistral"}', '--device=cpu')
+    assert r.returncode == 2 and "type 'mistral'" in r.stderr and r.stderr.count('\n') == 1
 
 
 # -----------------------------------------------------------------------------
