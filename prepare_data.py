@@ -138,6 +138,9 @@ def tokenizer_meta(tokenizer, text=''):
         meta = dict(tokenizer='gpt2', vocab_size=gpt2_encoding().n_vocab)
     elif os.path.isfile(os.path.join(tokenizer[3:], 'meta.json')):
         meta = read_json(os.path.join(tokenizer[3:], 'meta.json'))
+        if not isinstance(meta.get('vocab_size'), int) or meta.get('tokenizer') not in ('char', 'gpt2', 'hf'):
+            raise DataError(f"{os.path.join(tokenizer[3:], 'meta.json')} is not tokenizer meta data (as export.py "
+                            f"writes it): remove it to use the directory's transformers tokenizer")
     else:
         path = tokenizer[3:]
         vocab_size = len(hf_tokenizer(path))
@@ -242,17 +245,11 @@ def read_input(name, input_path, data_dir):
 
 def is_corpus(input_path, hf_dataset):
     """Whether the input is a corpus of documents (see the docstring) rather than one text file."""
-    return bool(hf_dataset) or os.path.isdir(input_path) or bool(re.search(r'[*?[]', input_path)) \
-        or os.path.splitext(input_path)[1] in ('.jsonl', '.parquet')
-
-
-def check_replaceable(out, files, overwrite):
-    """files {name: bytes} are about to be written to the folder out: refuse when it holds other ones."""
-    differ = [f for f in files if os.path.isfile(os.path.join(out, f))
-              and open(os.path.join(out, f), 'rb').read() != files[f]]
-    if differ and not overwrite:
-        raise DataError(f"{out} holds another prepared dataset ({differ[0]} differs from this one): choose another "
-                        f"name, or replace it with python prepare_data.py {os.path.basename(out)} --overwrite=True")
+    if hf_dataset or os.path.isdir(input_path):
+        return True
+    if not os.path.isfile(input_path) and re.search(r'[*?[]', input_path):  # a glob
+        return True
+    return os.path.splitext(input_path)[1] in ('.jsonl', '.parquet')
 
 
 def prepare(name, input_path='', tokenizer='', val_fraction=0.1, data_dir='data', overwrite=False,
@@ -287,7 +284,11 @@ def prepare(name, input_path='', tokenizer='', val_fraction=0.1, data_dir='data'
     out = os.path.join(data_dir, name)
     files = {f'{split}.bin': np.array(arr, dtype=meta['dtype']).tobytes() for split, arr in ids.items()}
     files['meta.json'] = json.dumps(meta).encode()
-    check_replaceable(out, files, overwrite)
+    differ = [f for f in files if os.path.isfile(os.path.join(out, f))
+              and open(os.path.join(out, f), 'rb').read() != files[f]]
+    if differ and not overwrite:
+        raise DataError(f"{out} holds another prepared dataset ({differ[0]} differs from this one): choose another "
+                        f"name, or replace it with python prepare_data.py {name} --overwrite=True")
     try:
         os.makedirs(out, exist_ok=True)
         for f, data in files.items():
@@ -485,13 +486,10 @@ def prepare_corpus(name, input_path, tokenizer, val_fraction, data_dir, overwrit
         created.append(folder)
         folder = os.path.dirname(folder)
     tmp = {f: os.path.join(out, f + '.tmp') for f in ('train.bin', 'val.bin', 'meta.json')}
+    sinks, n_docs, n_val, tokens = {}, 0, 0, {'train.bin': 0, 'val.bin': 0}
     try:
         os.makedirs(out, exist_ok=True)
         sinks = {f: open(tmp[f], 'wb') for f in ('train.bin', 'val.bin')}
-    except OSError as e:
-        raise DataError(f"cannot write {out}: {e.strerror}: choose another --data_dir") from None
-    n_docs, n_val, tokens = 0, 0, {'train.bin': 0, 'val.bin': 0}
-    try:
         with tqdm(total=total, desc=f"tokenizing {name}", unit='doc', dynamic_ncols=True) as bar:
             for ids, lengths in encoded_batches(texts, meta, num_proc):
                 i = np.arange(n_docs, n_docs + len(lengths))
