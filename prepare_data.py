@@ -85,7 +85,7 @@ def hf_tokenizer(path):
     """The transformers tokenizer (AutoTokenizer) of the model directory path."""
     if not os.path.isdir(path):
         raise DataError(f"tokenizer directory not found: {path} (hf:DIR names a transformers model directory, "
-                        f"e.g. one downloaded with huggingface-cli download NAME --local-dir DIR)")
+                        f"e.g. one downloaded with hf download NAME --local-dir DIR)")
     try:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(path)
