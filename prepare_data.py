@@ -352,12 +352,15 @@ def corpus_documents(files, text_field, hf_dataset, hf_config, split):
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its read errors come back here as exceptions
     if hf_dataset:
+        import huggingface_hub
+        huggingface_hub.logging.set_verbosity_error()  # no line per retry when the Hub cannot be reached
         try:
             ds = datasets.load_dataset(hf_dataset, hf_config or None, split=split, streaming=True)
         except Exception as e:
+            message = (str(e).strip().splitlines() or [''])[0][:200]
             raise DataError(f"could not open the dataset {hf_dataset} (config {hf_config or 'default'}, split {split}) "
-                            f"on the Hugging Face Hub ({type(e).__name__}): check the names and your internet "
-                            f"connection") from None
+                            f"on the Hugging Face Hub ({type(e).__name__}: {message}): check the names and your "
+                            f"internet connection") from None
         try:
             total = ds.info.splits[split].num_examples
         except (AttributeError, KeyError, TypeError):
@@ -538,7 +541,7 @@ if __name__ == '__main__':
                          # a glob ('corpus/*.parquet', quoted) or one file of .txt/.jsonl/.parquet documents
     tokenizer = ''       # 'char', 'gpt2' or 'hf:DIR' ('' = the built-in's own, 'char' for your own text)
     text_field = 'text'  # the field (.jsonl, --hf_dataset) or column (.parquet) that holds each document's text
-    hf_dataset = ''      # a dataset on the Hugging Face Hub instead of --input, e.g. roneneldan/TinyStories (streamed)
+    hf_dataset = ''      # a Hugging Face dataset (Hub name or local copy) instead of --input, e.g. roneneldan/TinyStories
     hf_config = ''       # its configuration ('' = the default)
     split = 'train'      # its split to read (the validation documents are taken from it, by val_fraction)
     num_proc = 1         # processes that tokenize a corpus (1 = this one)

@@ -126,6 +126,23 @@ def test_gpt2_corpus_ends_documents_with_endoftext(tmp_path):
     assert read('val.bin') == enc.encode_ordinary(rows[4]) + [50256]
 
 
+def test_hf_dataset_reads_the_chosen_split(tmp_path, bpe):
+    """--hf_dataset with a dataset laid out as on the Hub (data/<split>-*.parquet), here a local folder
+    (load_dataset reads those offline): only the chosen split's rows, in order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / 'hub' / 'data').mkdir(parents=True)
+    rows = {split: [f'{split} document number {i}' for i in range(n)] for split, n in (('train', 10), ('test', 20))}
+    for split, texts in rows.items():
+        pq.write_table(pa.table({'story': texts}), tmp_path / 'hub' / 'data' / f'{split}-00000-of-00001.parquet')
+    meta = prepare('h', tokenizer=f'hf:{bpe}', data_dir=str(tmp_path), hf_dataset=str(tmp_path / 'hub'),
+                   split='test', text_field='story')
+    tok = auto(bpe)
+    read = lambda f: np.fromfile(tmp_path / 'h' / f, dtype=meta['dtype']).tolist()
+    assert read('val.bin') == tok(rows['test'][9])['input_ids'] + [1] + tok(rows['test'][19])['input_ids'] + [1]
+    assert read('train.bin') == sum((tok(t)['input_ids'] + [1] for i, t in enumerate(rows['test']) if i % 10 != 9), [])
+
+
 def test_one_text_file_with_a_transformers_tokenizer(tmp_path, bpe):
     text = synthetic_text(100)
     (tmp_path / 'in.txt').write_text(text)
