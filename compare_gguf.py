@@ -9,7 +9,10 @@ point LLAMA_CPP_LIB_PATH at the libllama.so of your own build, docs/gguf.md):
 It prints, for the prompt and max_new_tokens greedy tokens of ours:
 - tokenizer: whether llama.cpp tokenizes the prompt to our ids, and detokenizes ours to our text;
 - teacher-forced: both models read the same tokens (the prompt, then our greedy continuation) one
-  at a time; the largest logit difference, and at how many positions the argmax agrees;
+  at a time; the largest logit difference, at how many positions the argmax agrees, and at how
+  many the logits are equal up to float32 rounding (an int8 activation that sits on a rounding
+  boundary can round the other way in one of them; such a flip in a key or value then changes
+  every later position a little);
 - free-running: llama.cpp's own greedy continuation; how many of its tokens equal ours, and
   where they first differ; then both texts.
 llama.cpp runs with a float32 KV cache and without flash attention (its defaults, an F16 cache,
@@ -96,8 +99,8 @@ def llama_reset():
     L.llama_memory_clear(L.llama_get_memory(ctx), True)
 
 
-buf = (L.llama_token * (len(start) + 16))()
-n = L.llama_tokenize(vocab, start.encode(), len(start.encode()), buf, len(buf), False, False)
+buf = (L.llama_token * (len(start.encode()) + 16))()
+n = L.llama_tokenize(vocab, start.encode(), len(start.encode()), buf, len(buf), False, True)   # special tokens as ours
 llama_prompt = list(buf[:n]) if n >= 0 else None
 piece = ctypes.create_string_buffer(256)
 pieces = b''
@@ -118,6 +121,7 @@ for _ in range(max_new_tokens):                        # free-running greedy
 a, b = np.stack(ours_logits), np.stack(theirs_logits)
 diff = np.abs(a - b)
 agree = int((a.argmax(-1) == b.argmax(-1)).sum())
+close = diff.max(-1) <= 1e-5 * np.abs(a).max()   # positions equal up to float32 rounding
 same = sum(x == y for x, y in zip(ours, theirs))
 first = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), None)
 print(f"llama-cpp-python {L.__version__}, {gguf}, {T - 1} positions, prompt {len(prompt)} tokens")
@@ -125,6 +129,8 @@ print(f"tokenizer: prompt ids {'equal' if llama_prompt == prompt else f'DIFFER: 
       f"detokenized text {'equal' if pieces.decode('utf-8', 'replace') == decode(ours) else 'DIFFERS'}")
 print(f"teacher-forced logits: max |diff| {diff.max():.3g} (largest |logit| {np.abs(a).max():.3g}), "
       f"mean |diff| {diff.mean():.3g}, argmax agrees at {agree}/{len(a)} positions")
+print(f"positions equal up to float rounding (max |diff| <= 1e-5 of the largest |logit|): {int(close.sum())}/{len(a)}"
+      f"{'' if close.all() else f', the first other one at position {int(np.argmin(close))}'}")
 print(f"free-running greedy: {same}/{max_new_tokens} tokens equal, "
       f"{'identical' if first is None else f'first difference at new token {first}'}")
 print(f"--- ours:\n{decode(ours)}\n--- llama.cpp:\n{decode(theirs)}")
