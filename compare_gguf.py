@@ -43,12 +43,6 @@ from model import KVCache
 from prepare_data import DataError, load_tokenizer
 
 try:
-    import llama_cpp as L
-except Exception as e:   # not installed, or its libllama.so missing or built for another version
-    fail(f"cannot load llama-cpp-python ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
-         f"pip install llama-cpp-python, or set LLAMA_CPP_LIB_PATH (docs/gguf.md)")
-
-try:
     checkpoint = load_checkpoint(ckpt_path)
     model = model_from_checkpoint(checkpoint, ckpt_path, dropout=0.0).eval()
     encode, decode = load_tokenizer(checkpoint['tokenizer'])
@@ -58,6 +52,12 @@ except (CheckpointError, DataError) as e:
 if len(prompt) + max_new_tokens > model.config.block_size:
     fail(f"the prompt ({len(prompt)} tokens) and max_new_tokens ({max_new_tokens}) exceed block_size "
          f"({model.config.block_size}): lower --max_new_tokens")
+
+try:
+    import llama_cpp as L
+except Exception as e:   # not installed, or its libllama.so missing or built for another version
+    fail(f"cannot load llama-cpp-python ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+         f"pip install llama-cpp-python, or set LLAMA_CPP_LIB_PATH (docs/gguf.md)")
 
 # ours: one token at a time through the KV cache, as llama.cpp decodes ---------------
 T = len(prompt) + max_new_tokens

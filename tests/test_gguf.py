@@ -10,7 +10,7 @@ from conftest import run
 
 from bitlinear import quantize_weight
 from checkpoint import save_checkpoint, save_packed
-from gguf_export import escape_rwkv, gguf_refusal, tokenizer_fields, write_gguf
+from gguf_export import escape_rwkv, gguf_refusal, tokenizer_fields
 from hf import bytes_to_unicode
 from model import GPT, PROJECTIONS, GPTConfig, projection_name
 from packed import pack_model
@@ -131,14 +131,7 @@ def test_gpt2_vocabulary_matches_tiktoken(tmp_path):
     assert tokens[50257:] == [f'[PAD{i}]' for i in range(50257, 50304)]
     assert types[50257:] == [gguf.TokenType.UNUSED] * 47 and len(tokens) == len(types) == 50304
     assert len(merges) == 50000 and merges[0] == 'Ġ t'
-    # written and read back: the lists survive the file
-    model = tiny_model(vocab_size=50304, n_layer=1)
-    write_gguf(model, meta, str(tmp_path / 'g.gguf'))
-    reader = gguf.GGUFReader(tmp_path / 'g.gguf')
-    assert field(reader, 'tokenizer.ggml.tokens') == tokens
-    assert field(reader, 'tokenizer.ggml.merges') == merges
-    assert field(reader, 'tokenizer.ggml.eos_token_id') == 50256
-    assert field(reader, 'tokenizer.ggml.add_bos_token') is False
+    # (the char test reads a token list back from a file; reading GPT-2's 100,000 strings takes 12 s)
 
 
 def test_packed_file_and_bfloat16(tmp_path, exported):
@@ -162,7 +155,7 @@ def test_packed_file_and_bfloat16(tmp_path, exported):
             assert a[name].tensor_type == b[name].tensor_type and np.array_equal(a[name].data, b[name].data), name
 
 
-def test_refusals_in_one_line_and_no_file(tmp_path, exported):
+def test_refusals_and_replacing_a_file(tmp_path, exported):
     base = GPTConfig(**ARGS)
     assert gguf_refusal(base, META) is None
     cases = {
@@ -179,19 +172,10 @@ def test_refusals_in_one_line_and_no_file(tmp_path, exported):
     assert 'no tokenizer meta data' in gguf_refusal(base, None)
     assert 'neither GPT-2' in gguf_refusal(base, dict(tokenizer='hf', path='x', vocab_size=65))
     assert 'smaller than its tokenizer' in gguf_refusal(GPTConfig(**{**ARGS, 'vocab_size': 5}), META)
-    # through export.py: one line, exit code 2, nothing written
-    untied = tmp_path / 'untied.pt'
-    save_checkpoint(dict(model=tiny_model(tie_embeddings=False).state_dict(), model_args={**ARGS, 'tie_embeddings': False},
-                         tokenizer=META), str(untied))
-    r = run('export.py', f'--ckpt_path={untied}', f'--to={tmp_path / "u.gguf"}', '--format=gguf')
-    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'its own lm_head' in r.stderr, r.stderr
-    assert not os.path.exists(tmp_path / 'u.gguf') and not os.path.exists(tmp_path / 'u.gguf.tmp')
-    # a file export.py did not write is kept, unless --overwrite=True; its own earlier export is replaced
+    # export.py's one-line errors: tests/test_bad_inputs.py. A file it did not write is replaced only
+    # with --overwrite=True; its own earlier export always
     ckpt = exported[0]
     (tmp_path / 'mine.gguf').write_text('keep me')
-    r = run('export.py', f'--ckpt_path={ckpt}', f'--to={tmp_path / "mine.gguf"}', '--format=gguf')
-    assert r.returncode == 2 and 'not a file this script writes' in r.stderr and r.stderr.count('\n') == 1
-    assert (tmp_path / 'mine.gguf').read_text() == 'keep me'
     r = run('export.py', f'--ckpt_path={ckpt}', f'--to={tmp_path / "mine.gguf"}', '--format=gguf', '--overwrite=True')
     assert r.returncode == 0, r.stderr
     r = run('export.py', f'--ckpt_path={ckpt}', f'--to={tmp_path / "mine.gguf"}', '--format=gguf')
