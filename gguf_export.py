@@ -31,7 +31,7 @@ one block (in_features = 256); wider rows get one scale per 256 values instead o
 Its bitnet graph applies SiLU (silu(gate) * up), not our relu(gate)^2 * up: the 2024 bitnet
 architecture was a SiLU model, and the 2B4T's squared ReLU is not in the graph at that commit
 (ggml-org/llama.cpp#25885, microsoft/BitNet#588). The file says relu2 in
-bitnet.hidden_activation; docs/gguf.md shows the one-line change that makes llama.cpp compute it.
+bitnet.hidden_activation; docs/gguf.md shows the 6-line change that makes llama.cpp read it.
 
 Tokenizers: GPT-2 BPE as tokenizer.ggml.model 'gpt2' (pre-tokenizer 'gpt-2', GPT-2's tokens and
 50,000 merges, <|endoftext|> as bos and eos, no bos added), ids past 50,257 as unused [PADi];
