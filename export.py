@@ -7,7 +7,10 @@ LlamaForCausalLM with the same bitnet quantization), so the model runs in transf
     python export.py --ckpt_path=out/ckpt.pt --to=hf-packed --variant=packed
     python export.py --ckpt_path=out/ckpt_packed.pt --to=hf-packed --variant=packed   # pack.py's file
 
-and in transformers: AutoModelForCausalLM.from_pretrained('hf-packed').
+and in transformers: AutoModelForCausalLM.from_pretrained('hf-packed'). --format=gguf writes one
+file that llama.cpp runs instead (gguf_export.py says what it holds and how llama.cpp computes it):
+
+    python export.py --out_dir=out --to=model.gguf --format=gguf
 
 variant 'master' stores the latent float weights (quantization_mode 'online': transformers
 quantizes them every forward, as our BitLinear does, and can fine-tune them); 'packed' stores the
@@ -26,15 +29,16 @@ import json
 import os
 import sys
 
-import torch
 from safetensors.torch import save_file
 
 from bitlinear import quantize_weight
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from configurator import configure, fail
+from configurator import check_new_file, configure, fail
 from hf import (DTYPES, VARIANTS, HFError, gpt2_tokenizer_files, gpt_state_dict_from_hf, hf_config, hf_state_dict,
                 is_projection, progress)
 from prepare_data import DataError
+
+FORMATS = ('hf', 'gguf')
 
 HF_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.json', 'merges.txt',
                       'tokenizer.model')   # a transformers tokenizer's files, copied from its directory
@@ -44,17 +48,51 @@ EXPORT_FILES = {'model.safetensors', 'config.json', 'meta.json', 'export.json',
 # -----------------------------------------------------------------------------
 out_dir = 'out'            # reads out_dir/ckpt.pt ...
 ckpt_path = ''             # ... unless a checkpoint file is named here
-to = ''                    # the directory to write: new, empty, or an earlier export
-variant = 'master'         # 'master' (latent float weights, quantized online) or 'packed' (2-bit, weight_scale)
-dtype = 'float32'          # 'float32' (exact copy) or 'bfloat16' (half the size, as the 2B4T bf16 release)
+to = ''                    # hf: the directory to write (new, empty, or an earlier export); gguf: the file
+format = 'hf'              # 'hf' (a transformers BitNetForCausalLM directory) or 'gguf' (one file for llama.cpp)
+variant = 'master'         # hf: 'master' (latent float weights, quantized online) or 'packed' (2-bit, weight_scale)
+dtype = 'float32'          # 'float32' (exact copy) or 'bfloat16' (half the size, as the 2B4T bf16 release);
+                           # gguf: of the embedding only (its norms and scales stay float32)
+overwrite = False          # gguf: replace a --to file that export.py did not write
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
+if format not in FORMATS:
+    fail(f"format must be hf or gguf, got '{format}'")
 if not to:
-    fail("name the directory to write: --to=DIR")
+    fail(f"name the {'directory' if format == 'hf' else 'file'} to write: --to={'DIR' if format == 'hf' else 'FILE.gguf'}")
 if variant not in VARIANTS:
     fail(f"variant must be 'master' or 'packed', got '{variant}'")
+if format == 'gguf' and variant != 'master':
+    fail("--variant is a setting of --format=hf: a GGUF file always holds the 2-bit ternary weights")
 if dtype not in DTYPES:
     fail(f"dtype must be float32 or bfloat16, got '{dtype}'")
+path = ckpt_path or os.path.join(out_dir, 'ckpt.pt')
+
+# --format=gguf: one file for llama.cpp (gguf_export.py); everything after this block writes --format=hf
+if format == 'gguf':
+    from gguf_export import gguf_refusal, is_gguf_export, write_gguf
+    check_new_file(to, 'to', overwrite, is_gguf_export)
+    try:
+        checkpoint = load_checkpoint(path)
+        model = model_from_checkpoint(checkpoint, path, dropout=0.0)   # a packed file stays packed: its own codes
+    except CheckpointError as e:
+        fail(str(e))
+    refusal = gguf_refusal(model.config, checkpoint.get('tokenizer'))
+    if refusal:
+        fail(f"{path}: {refusal}")
+    tmp = to + '.tmp'   # written, then renamed over --to: a failed export leaves no half-written file
+    try:
+        size = write_gguf(model, checkpoint.get('tokenizer'), tmp, dtype, os.path.basename(path))
+        os.replace(tmp, to)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    c = model.config
+    print(f"wrote {to}: llama.cpp architecture bitnet, {c.n_layer} x {c.n_embd}, TQ2_0 projections, "
+          f"{dtype} embedding, {checkpoint['tokenizer']['tokenizer']} tokenizer, {size / 1e6:.2f} MB")
+    print("llama.cpp's bitnet graph computes silu(gate) * up where this model has relu(gate)^2 * up: "
+          "docs/gguf.md has the one-line change to llama.cpp that runs it as trained")
+    sys.exit(0)
 
 # the target: never overwrite what export.py did not write ------------------------
 record_path = os.path.join(to, 'export.json')
@@ -72,7 +110,6 @@ if os.path.isfile(record_path):
         fail(f"{record_path} is damaged: choose a new or empty --to")
 
 # the model ------------------------------------------------------------------------
-path = ckpt_path or os.path.join(out_dir, 'ckpt.pt')
 try:
     checkpoint = load_checkpoint(path)
     if 'packed' in checkpoint:  # pack.py's file holds ternary weights only: latent weights that quantize to them

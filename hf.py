@@ -187,11 +187,11 @@ def bytes_to_unicode():
     return chars
 
 
-def gpt2_tokenizer_files(model_max_length):
-    """{file name: text} of a GPT-2 tokenizer that transformers' AutoTokenizer loads, built from
-    tiktoken's GPT-2 ranks: vocab.json (token -> id), merges.txt and tokenizer_config.json.
-    tiktoken stores ranks, not merges; the merge that makes a token is found by running BPE on
-    its bytes with the ranks below its own, which leaves exactly two parts. transformers'
+def gpt2_vocab_and_merges():
+    """GPT-2's BPE vocabulary {token text: id} (byte-level text, bytes_to_unicode) and its 50,000
+    merges ('left right', in rank order), built from tiktoken's GPT-2 ranks. tiktoken stores ranks,
+    not merges; the merge that makes a token is found by running BPE on its bytes with the ranks
+    below its own, which leaves exactly two parts. transformers'
     TikTokenConverter.extract_vocab_merges_from_model gives the same vocabulary (in rank order,
     without <|endoftext|>) but lists every split of a token into two tokens as a merge (108,299
     lines instead of GPT-2's 50,000), so its files differ from GPT-2's; tests/test_hf.py compares."""
@@ -214,6 +214,13 @@ def gpt2_tokenizer_files(model_max_length):
         merges.append(f"{text(parts[0])} {text(parts[1])}")
     vocab = {text(b): r for b, r in ranks.items()}
     vocab['<|endoftext|>'] = GPT2_EOT
+    return vocab, merges
+
+
+def gpt2_tokenizer_files(model_max_length):
+    """{file name: text} of a GPT-2 tokenizer that transformers' AutoTokenizer loads
+    (gpt2_vocab_and_merges): vocab.json (token -> id), merges.txt and tokenizer_config.json."""
+    vocab, merges = gpt2_vocab_and_merges()
     config = dict(tokenizer_class='GPT2Tokenizer', model_max_length=model_max_length, add_prefix_space=False,
                   bos_token='<|endoftext|>', eos_token='<|endoftext|>', unk_token='<|endoftext|>')
     return {

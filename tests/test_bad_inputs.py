@@ -115,6 +115,18 @@ CASES = [
     ('export.py', '--out_dir={root}/run', '--to={root}/notes.txt', "is a file, not a directory"),
     ('export.py', '--out_dir={root}/run', '--to={root}/data', "holds files that export.py did not write"),
     ('export.py', '--ckpt_path={root}/truncated/ckpt.pt', '--to={root}/hf', "is damaged or not a checkpoint"),
+    ('export.py', '--out_dir={root}/run', '--to={root}/m.gguf', '--format=ggml', "format must be hf or gguf, got 'ggml'"),
+    ('export.py', '--out_dir={root}/run', '--format=gguf', "name the file to write: --to=FILE.gguf"),
+    ('export.py', '--out_dir={root}/run', '--to={root}/m.gguf', '--format=gguf', '--variant=packed',
+     "--variant is a setting of --format=hf"),
+    ('export.py', '--out_dir={root}/run', '--to={root}/notes.txt', '--format=gguf',
+     "{root}/notes.txt exists and is not a file this script writes: choose another --to, or pass --overwrite=True"),
+    ('export.py', '--out_dir={root}/run', '--to={root}/m.gguf', '--format=gguf',
+     "this model has its own lm_head: train with --tie_embeddings=True"),
+    ('export.py', '--ckpt_path={root}/run/ckpt_packed.pt', '--to={root}/m.gguf', '--format=gguf', "its own lm_head"),
+    # compare_gguf.py (the rest needs llama.cpp)
+    ('compare_gguf.py', '--max_new_tokens=0', "max_new_tokens must be an integer >= 1, got 0"),
+    ('compare_gguf.py', '--ckpt_path={root}/empty/ckpt.pt', "no checkpoint at {root}/empty/ckpt.pt"),
     # bench.py
     ('bench.py', '--dtype=foo', "dtype must be one of auto, float32, bfloat16, float16, got 'foo'"),
     ('bench.py', '--device=cuda', "torch sees no CUDA GPU"),
