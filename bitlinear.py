@@ -212,11 +212,28 @@ def dequantize_activation(x, config):
 
 class BitLinear(BitLinearBase):
     """BitNet b1.58 linear layer: ternary weights, per-token act_bits-bit (int8) activations.
-    Options: BitLinearConfig (see BitLinearBase for the constructor)."""
+    Options: BitLinearConfig (see BitLinearBase for the constructor).
+
+    The eval cache: on the CPU, in eval mode with gradients off (and no autocast), a layer with
+    the default options quantizes its weight once, packs the codes 2 bits each (pack_ternary) and
+    from then on computes the integer line y = (x_int @ W_t^T) * (s_w / s_x) with cpu_kernel, the
+    float weight untouched. The cache is keyed on the weight's storage and version counter, so an
+    optimizer step, load_state_dict or any in-place change rebuilds it, and train()/eval() drop it
+    (a change through weight.data bypasses the version counter: call train() or eval() after one)."""
+
+    def train(self, mode=True):
+        self.eval_cache = None
+        return super().train(mode)
 
     def forward(self, x):
         if self.norm is not None:
             x = self.norm(x)
+        if (not self.training and x.device.type == 'cpu' and not torch.is_grad_enabled()
+                and self.config == DEFAULT_CONFIG and not torch.is_autocast_enabled('cpu')
+                and not torch.compiler.is_compiling()):
+            packed, row_scale = self.packed_weight()
+            y = cpu_kernel(x.reshape(-1, x.size(-1)).float(), packed, row_scale, self.out_features)
+            return y.view(*x.shape[:-1], self.out_features)
         if torch.compiler.is_compiling():
             y = ternary_matmul_ste(x, self.weight, self.config)
         else:
@@ -224,6 +241,42 @@ class BitLinear(BitLinearBase):
         if self.bias is not None:
             y = y + self.bias
         return y
+
+
+    def packed_weight(self):
+        """(packed (ceil(out / 4), in) uint8, row_scale (4 ceil(out / 4),) float32): the weight's
+        codes in pack_ternary's layout and s_w for every row (0 for the padding rows), quantized as
+        TernaryMatmul quantizes, built at the first call after the weight changed."""
+        w = self.weight
+        key = (w.data_ptr(), w._version)
+        cache = getattr(self, 'eval_cache', None)
+        if cache is None or cache[0] != key:
+            self.eval_cache = None   # the old codes go before the new ones are built
+            with torch.no_grad():
+                s_w = weight_scale(w, self.config.eps)
+                packed = pack_ternary((w / s_w).round_().clamp_(-1, 1).to(torch.int8))
+                row_scale = torch.zeros(4 * packed.size(0), device=w.device)
+                row_scale[:w.size(0)] = s_w.float()
+            self.eval_cache = cache = (key, packed, row_scale)
+        return cache[1], cache[2]
+
+
+DEFAULT_CONFIG = BitLinearConfig()
+
+
+def ternary_linear_reference(x, packed, row_scale, out_features):
+    """The integer line of a packed layer: x (M, K) float32, packed (R, K) uint8 (pack_ternary),
+    row_scale (4R,) float32 -> (M, out_features) float32 = (x_int @ W_t^T) * (row_scale / s_x).
+    The sums of integers are exact in float32 (|sum| <= 128 K < 2^24), so any kernel that sums
+    exactly and rescales the same way gives the same bits (integer_forward too)."""
+    x_int, s_x = quantize_activation(x)                                        # int8, (M, 1)
+    w_t = unpack_ternary(packed, 4 * packed.size(0)).float()                 # (4R, K)
+    return (F.linear(x_int.float(), w_t) * (row_scale / s_x))[:, :out_features]
+
+
+# What an eval-cached BitLinear calls on the CPU (the signature of ternary_linear_reference);
+# cpu_kernels.py puts its compiled kernel here when it is imported.
+cpu_kernel = ternary_linear_reference
 
 
 def ternary_matmul_ste(x, w, config):
