@@ -254,7 +254,11 @@ class BitLinear(BitLinearBase):
             self.eval_cache = None   # the old codes go before the new ones are built
             with torch.no_grad():
                 s_w = weight_scale(w, self.config.eps)
-                packed = pack_ternary((w / s_w).round_().clamp_(-1, 1).to(torch.int8))
+                w_t = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+                for i in range(0, w.size(0), 256):   # 256 rows at a time: no float copy of the whole weight
+                    w_t[i:i + 256] = (w[i:i + 256] / s_w).round_().clamp_(-1, 1)
+                packed = pack_ternary(w_t)
+                del w_t
                 row_scale = torch.zeros(4 * packed.size(0), device=w.device)
                 row_scale[:w.size(0)] = s_w.float()
             self.eval_cache = cache = (key, packed, row_scale)

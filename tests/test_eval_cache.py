@@ -49,7 +49,7 @@ def test_cached_forward_is_the_integer_line(kernel, out, k, rows):
     assert torch.equal(y, integer_forward(layer, x))
     assert close(y, uncached) and not torch.equal(y, torch.zeros_like(y))
     # the compact form only: 2-bit codes and one float32 scale per (padded) row
-    assert packed.dtype == torch.uint8 and packed.shape == ((out + 3) // 4, k)
+    assert torch.equal(packed, bitlinear.pack_ternary(bitlinear.quantize_weight(layer.weight)[0]))
     assert torch.equal(row_scale[:out], bitlinear.weight_scale(layer.weight).expand(out))
 
 
