@@ -221,6 +221,8 @@ class BitLinear(BitLinearBase):
     optimizer step, load_state_dict or any in-place change rebuilds it, and train()/eval() drop it
     (a change through weight.data bypasses the version counter: call train() or eval() after one)."""
 
+    eval_cache = None   # (key, packed, row_scale) once built (packed_weight)
+
     def train(self, mode=True):
         self.eval_cache = None
         return super().train(mode)
@@ -228,11 +230,11 @@ class BitLinear(BitLinearBase):
     def forward(self, x):
         if self.norm is not None:
             x = self.norm(x)
-        if (not self.training and x.device.type == 'cpu' and not torch.is_grad_enabled()
-                and self.config == DEFAULT_CONFIG and not torch.is_autocast_enabled('cpu')
-                and not torch.compiler.is_compiling()):
+        if (not (self.training or torch.is_grad_enabled()) and x.is_cpu and self.config == DEFAULT_CONFIG
+                and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling()):
             packed, row_scale = self.packed_weight()
-            y = cpu_kernel(x.reshape(-1, x.size(-1)).float(), packed, row_scale, self.out_features)
+            x2 = x.reshape(-1, x.size(-1))
+            y = cpu_kernel(x2 if x2.dtype == torch.float32 else x2.float(), packed, row_scale, self.out_features)
             return y.view(*x.shape[:-1], self.out_features)
         if torch.compiler.is_compiling():
             y = ternary_matmul_ste(x, self.weight, self.config)
@@ -242,14 +244,13 @@ class BitLinear(BitLinearBase):
             y = y + self.bias
         return y
 
-
     def packed_weight(self):
         """(packed (ceil(out / 4), in) uint8, row_scale (4 ceil(out / 4),) float32): the weight's
         codes in pack_ternary's layout and s_w for every row (0 for the padding rows), quantized as
         TernaryMatmul quantizes, built at the first call after the weight changed."""
         w = self.weight
         key = (w.data_ptr(), w._version)
-        cache = getattr(self, 'eval_cache', None)
+        cache = self.eval_cache
         if cache is None or cache[0] != key:
             self.eval_cache = None   # the old codes go before the new ones are built
             with torch.no_grad():

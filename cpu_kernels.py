@@ -86,7 +86,10 @@ def packed_linear_cpu(x, norm_weight, packed, row_scale, residual, out_features,
 def ternary_linear_cpu(x, packed, row_scale, out_features):
     """bitlinear.ternary_linear_reference through the same kernel (no norm, no epilogue): what an
     eval-cached BitLinear calls on the CPU."""
-    return packed_linear_cpu(x, _EMPTY, packed, row_scale, _EMPTY, out_features, 0, 0.0)
+    ext = (_ext or extension()) if enabled else None
+    if ext is None:
+        return bitlinear.ternary_linear_reference(x, packed, row_scale, out_features)
+    return ext.packed_linear(x, _EMPTY, packed, row_scale, _EMPTY, out_features, 0, 0.0)
 
 
 _EMPTY = torch.empty(0)
