@@ -219,7 +219,8 @@ class BitLinear(BitLinearBase):
     from then on computes the integer line y = (x_int @ W_t^T) * (s_w / s_x) with cpu_kernel, the
     float weight untouched. The cache is keyed on the weight's storage and version counter, so an
     optimizer step, load_state_dict or any in-place change rebuilds it, and train()/eval() drop it
-    (a change through weight.data bypasses the version counter: call train() or eval() after one)."""
+    (a change through weight.data bypasses the version counter: call train() or eval() after one;
+    a weight made under torch.inference_mode has none, and keeps the uncached forward)."""
 
     eval_cache = None   # (key, packed, row_scale) once built (packed_weight)
 
@@ -231,7 +232,8 @@ class BitLinear(BitLinearBase):
         if self.norm is not None:
             x = self.norm(x)
         if (not (self.training or torch.is_grad_enabled()) and x.is_cpu and self.config == DEFAULT_CONFIG
-                and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling()):
+                and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling()
+                and not self.weight.is_inference()):   # inference-mode tensors have no version counter
             packed, row_scale = self.packed_weight()
             x2 = x.reshape(-1, x.size(-1))
             y = cpu_kernel(x2 if x2.dtype == torch.float32 else x2.float(), packed, row_scale, self.out_features)

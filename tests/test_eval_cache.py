@@ -108,8 +108,13 @@ def test_training_and_gradients_unchanged(kernel):
 
 
 def test_other_options_keep_the_uncached_forward():
+    """Other layer options, and a weight made under inference_mode (no version counter to key on)."""
     torch.manual_seed(2)
     x = torch.randn(2, 24)
+    with torch.inference_mode():
+        layer = BitLinear(24, 8).eval()
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.train()(x)) and layer.eval_cache is None
     for options in (dict(act_bits=4), dict(bias=True), dict(before_nonlinear=True)):
         layer = BitLinear(24, 8, **options).eval()
         with torch.no_grad():
