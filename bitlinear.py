@@ -231,8 +231,8 @@ class BitLinear(BitLinearBase):
     def forward(self, x):
         if self.norm is not None:
             x = self.norm(x)
-        if (not (self.training or torch.is_grad_enabled()) and x.is_cpu and self.config == DEFAULT_CONFIG
-                and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling()
+        if (not (self.training or torch.is_grad_enabled()) and not torch.compiler.is_compiling() and x.is_cpu
+                and self.config == DEFAULT_CONFIG and not torch.is_autocast_enabled('cpu')
                 and not self.weight.is_inference()):   # inference-mode tensors have no version counter
             packed, row_scale = self.packed_weight()
             x2 = x.reshape(-1, x.size(-1))
