@@ -36,8 +36,9 @@ memory, and the fraction of the memory bandwidth limit reached (weight bytes x t
 measured copy bandwidth).
 
 On the CPU three models of the same shape and the same random weights run model.generate in
-float32: the training form (b1.58 BitLinear layers, eval mode), the packed model (the compiled
-kernel, cpu_kernels.py) and the float model (quant='none'); each lm_head as --cpu_head says.
+float32: the training form (b1.58 BitLinear layers, eval mode: its first forward packs every weight
+into the eval cache, bitlinear.py, and the compiled kernel runs from then on), the packed model
+(the compiled kernel, cpu_kernels.py) and the float model (quant='none'); each lm_head as --cpu_head says.
 Reported: tokens/s with and without the prompt's prefill, ms per token, bits per projection
 weight held, resident memory (RSS) over the baseline of this process (Python, torch, our modules
 and the compiled kernel, measured before any model), and with --packed_file the same for a
@@ -562,7 +563,10 @@ def bench_decode_cpu():
         built = rss()
         reset_peak_rss()
         with torch.no_grad():
-            first = model.generate(prompt, new_tokens, temperature=0)   # warm-up (and a training form's first forward)
+            t0 = time.perf_counter()
+            model(prompt[:, :1])   # a training form's first forward quantizes and packs every weight (eval cache)
+            first_ms = 1000 * (time.perf_counter() - t0)
+            first = model.generate(prompt, new_tokens, temperature=0)   # warm-up
             prefill, total = [], []
             for _ in range(repeats):
                 t0 = time.perf_counter()
@@ -573,10 +577,13 @@ def bench_decode_cpu():
                 prefill.append(t1 - t0)
                 total.append(t2 - t1)
         t, tp = statistics.median(total), statistics.median(prefill)
+        if variant == 'training':   # the float weights and the eval cache's codes and row scales
+            bits += 8 * sum(m.eval_cache[1].numel() + 4 * m.eval_cache[2].numel()
+                            for m in model.modules() if getattr(m, 'eval_cache', None)) / n_proj
         results.append(dict(variant=variant, tok_s=new_tokens / t, decode_tok_s=(new_tokens - 1) / (t - tp),
                             ms=1000 * (t - tp) / (new_tokens - 1), prefill_ms=1000 * tp, bits=bits,
                             rss=built - base if base else None, peak=rss('VmHWM') - base if base else None,
-                            same=torch.equal(out, first), tokens=out[0, prompt_len:]))
+                            same=torch.equal(out, first), tokens=out[0, prompt_len:], first_ms=first_ms))
         if variant == 'packed' and packed_file:
             results[-1]['file_bytes'] = os.path.getsize(packed_file)
         del model
@@ -597,6 +604,10 @@ def bench_decode_cpu():
     print("tokens/s: new tokens over the whole generate call; decode/s and ms/token: without the prefill; "
           "RSS+: resident after building, over the baseline; peak: while generating; "
           "repeat: the timed runs gave the warm-up's tokens")
+    for r in results:
+        if r['variant'] == 'training':
+            print(f"training form: its first forward (one token, quantizing and packing every weight into the "
+                  f"eval cache) took {r['first_ms']:.0f} ms; bits/w counts the float weights and the cache")
     agree = [r for r in results if r['variant'] != 'float']
     if len(agree) == 2:
         same = (agree[0]['tokens'] == agree[1]['tokens']).tolist()

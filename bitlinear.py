@@ -231,12 +231,34 @@ class BitLinear(BitLinearBase):
     quant_lambda (None, or a 0-dim float32 tensor in [0, 1] on the layer's device): warm-up
     quantization, quant_mix of the weights and of the activations (straight-through in both), for
     turning a float model ternary; the trainer updates the tensor in place (train.py,
-    quant_warmup_iters), so a compiled graph reads the new value without recompiling."""
+    quant_warmup_iters), so a compiled graph reads the new value without recompiling.
+
+    The eval cache: on the CPU, in eval mode with gradients off (and no autocast), a layer with
+    the default options quantizes its weight once, packs the codes 2 bits each (pack_ternary) and
+    from then on computes the integer line y = (x_int @ W_t^T) * (s_w / s_x) with cpu_kernel, the
+    float weight untouched. The cache is keyed on the weight's storage and version counter, so an
+    optimizer step, load_state_dict or any in-place change rebuilds it, and train()/eval() drop it
+    (a change through weight.data bypasses the version counter: call train() or eval() after one;
+    a weight made under torch.inference_mode has none, and keeps the uncached forward)."""
+
     quant_lambda = None
+    eval_cache = None   # (key, packed, row_scale) once built (packed_weight)
+
+    def train(self, mode=True):
+        self.eval_cache = None
+        return super().train(mode)
 
     def forward(self, x):
         if self.norm is not None:
             x = self.norm(x)
+        if (not (self.training or torch.is_grad_enabled()) and not torch.compiler.is_compiling() and x.is_cpu
+                and self.config == DEFAULT_CONFIG and not torch.is_autocast_enabled('cpu')
+                and self.quant_lambda is None
+                and not self.weight.is_inference()):   # inference-mode tensors have no version counter
+            packed, row_scale = self.packed_weight()
+            x2 = x.reshape(-1, x.size(-1))
+            y = cpu_kernel(x2 if x2.dtype == torch.float32 else x2.float(), packed, row_scale, self.out_features)
+            return y.view(*x.shape[:-1], self.out_features)
         if torch.compiler.is_compiling() or self.quant_lambda is not None:
             y = ternary_matmul_ste(x, self.weight, self.config, self.quant_lambda)
         else:
@@ -244,6 +266,45 @@ class BitLinear(BitLinearBase):
         if self.bias is not None:
             y = y + self.bias
         return y
+
+    def packed_weight(self):
+        """(packed (ceil(out / 4), in) uint8, row_scale (4 ceil(out / 4),) float32): the weight's
+        codes in pack_ternary's layout and s_w for every row (0 for the padding rows), quantized as
+        TernaryMatmul quantizes, built at the first call after the weight changed."""
+        w = self.weight
+        key = (w.data_ptr(), w._version)
+        cache = self.eval_cache
+        if cache is None or cache[0] != key:
+            self.eval_cache = None   # the old codes go before the new ones are built
+            with torch.no_grad():
+                s_w = weight_scale(w, self.config.eps)
+                w_t = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+                for i in range(0, w.size(0), 256):   # 256 rows at a time: no float copy of the whole weight
+                    w_t[i:i + 256] = (w[i:i + 256] / s_w).round_().clamp_(-1, 1)
+                packed = pack_ternary(w_t)
+                del w_t
+                row_scale = torch.zeros(4 * packed.size(0), device=w.device)
+                row_scale[:w.size(0)] = s_w.float()
+            self.eval_cache = cache = (key, packed, row_scale)
+        return cache[1], cache[2]
+
+
+DEFAULT_CONFIG = BitLinearConfig()
+
+
+def ternary_linear_reference(x, packed, row_scale, out_features):
+    """The integer line of a packed layer: x (M, K) float32, packed (R, K) uint8 (pack_ternary),
+    row_scale (4R,) float32 -> (M, out_features) float32 = (x_int @ W_t^T) * (row_scale / s_x).
+    The sums of integers are exact in float32 (|sum| <= 128 K < 2^24), so any kernel that sums
+    exactly and rescales the same way gives the same bits (integer_forward too)."""
+    x_int, s_x = quantize_activation(x)                                        # int8, (M, 1)
+    w_t = unpack_ternary(packed, 4 * packed.size(0)).float()                 # (4R, K)
+    return (F.linear(x_int.float(), w_t) * (row_scale / s_x))[:, :out_features]
+
+
+# What an eval-cached BitLinear calls on the CPU (the signature of ternary_linear_reference);
+# cpu_kernels.py puts its compiled kernel here when it is imported.
+cpu_kernel = ternary_linear_reference
 
 
 def ternary_matmul_ste(x, w, config, quant_lambda=None):

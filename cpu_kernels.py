@@ -10,6 +10,9 @@ no per-call work that depends on the weights), four output rows per pass over a 
 AVX-512 VNNI / AVX2 / NEON / scalar chosen at compile time (-march=native), threads over the
 packed rows (at::parallel_for, torch's thread count), prefill rows four at a time per pass.
 
+Importing this file also gives eval-cached BitLinear layers (training-form models in eval mode,
+bitlinear.py) the same kernel on the CPU: bitlinear.cpu_kernel = ternary_linear_cpu.
+
 Where the build fails (no compiler), one line on stderr says so and the op keeps its
 pure-PyTorch reference. `enabled = False` (sample.py --cpu_kernel=False) forces the reference.
 
@@ -27,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bitlinear
 from ops import packed_linear, packed_linear_reference
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -77,6 +81,19 @@ def packed_linear_cpu(x, norm_weight, packed, row_scale, residual, out_features,
     if ext is None:
         return packed_linear_reference(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps)
     return ext.packed_linear(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps)
+
+
+def ternary_linear_cpu(x, packed, row_scale, out_features):
+    """bitlinear.ternary_linear_reference through the same kernel (no norm, no epilogue): what an
+    eval-cached BitLinear calls on the CPU."""
+    ext = (_ext or extension()) if enabled else None
+    if ext is None:
+        return bitlinear.ternary_linear_reference(x, packed, row_scale, out_features)
+    return ext.packed_linear(x, _EMPTY, packed, row_scale, _EMPTY, out_features, 0, 0.0)
+
+
+_EMPTY = torch.empty(0)
+bitlinear.cpu_kernel = ternary_linear_cpu
 
 
 class HalfLinear(nn.Module):
