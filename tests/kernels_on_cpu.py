@@ -85,9 +85,10 @@ def attention_case(nh, nkv, hd, pos, pos1=None):
         torch.testing.assert_close(k[b, :, pb], k_ref[b, :, pb], rtol=1e-5, atol=1e-5)
 
 
-def lm_head_case(B, V, C, ties, block_b, int8=False):
+def lm_head_case(B, V, C, ties, block_b, int8=False, rows=False):
     """ties: rows of the weight that all give the largest logit of every row of x. int8: the
-    weight as ops.quantize_head stores it, with its scales."""
+    weight as ops.quantize_head stores it, with its scales. rows: lm_head_rows_kernel, 16 rows
+    of x per program (the grid's second axis over tiles of 16 rows)."""
     g = torch.Generator().manual_seed(V + C)
     x = torch.randn(B, C, generator=g)
     w = torch.randn(V, C, generator=g) * 0.1
@@ -100,8 +101,13 @@ def lm_head_case(B, V, C, ties, block_b, int8=False):
     logits = torch.empty(B, V)
     best, at = torch.full((B, blocks), float('nan')), torch.full((B, blocks), -1, dtype=torch.int32)
     count, token = torch.zeros(B, dtype=torch.int32), torch.full((B, 1), -1)
-    kernels.lm_head_kernel[(blocks, B)](x, w, w if scale is None else scale, logits, best, at, count, token, V, C,
-                                        blocks, HAS_SCALE=int8, BLOCK_V=16, BLOCK_C=32, BLOCK_B=block_b)
+    if rows:
+        kernels.lm_head_rows_kernel[(blocks, triton.cdiv(B, 16))](
+            x, w, w if scale is None else scale, logits, best, at, count, token, B, V, C, blocks, HAS_SCALE=int8,
+            IEEE=True, BLOCK_M=16, BLOCK_V=16, BLOCK_C=32, BLOCK_B=block_b)
+    else:
+        kernels.lm_head_kernel[(blocks, B)](x, w, w if scale is None else scale, logits, best, at, count, token, V, C,
+                                            blocks, HAS_SCALE=int8, BLOCK_V=16, BLOCK_C=32, BLOCK_B=block_b)
     ref_logits, ref_token = lm_head_argmax_reference(x, w, scale)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(token, logits.argmax(-1, keepdim=True))   # the first maximum of its own logits
@@ -129,7 +135,8 @@ if __name__ == '__main__':
     # 7 blocks of 16 rows (the last one partial), C = 48 in steps of 32; the final argmax walks
     # the blocks 2 or 8 at a time; tied maxima in different blocks, in one block, in the last one
     for case in [(2, 100, 48, [], 2), (2, 100, 48, [40, 90, 5], 2), (1, 100, 48, [33, 34], 8), (3, 100, 48, [99], 2),
-                 (2, 100, 48, [40, 90, 5], 2, True)]:   # the int8 weight with its row scales
+                 (2, 100, 48, [40, 90, 5], 2, True),    # the int8 weight with its row scales
+                 (3, 100, 48, [40, 90, 5], 2, False, True), (18, 100, 48, [], 4, True, True)]:   # 16 rows a program
         lm_head_case(*case)
         print('ok lm_head', *case, flush=True)
     for case in [(4, 4, 32, 0), (4, 2, 64, 40), (6, 1, 32, 95), (4, 2, 64, 40, 7)]:   # the last: a position per sequence
