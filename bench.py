@@ -413,6 +413,7 @@ def bench_decode():
                                       for m in model.modules() if hasattr(m, 'row_scale')) / (4 * n_bitlinear) \
                     if n_bitlinear else None
             results.append(row)
+            print(f"measured: {name} batch {B}: {row['tok_s']:.1f} tokens/s, {row['ms']:.3f} ms/step", flush=True)
             if cuda:
                 del runner
         if variant == 'packed' and packed_file:
