@@ -153,6 +153,8 @@ if packed_file:
     check_new_file(packed_file, 'packed_file', overwrite, replaceable=is_packed_file)
 if threads:
     torch.set_num_threads(threads)
+if device_type != 'cuda' and (batch_size_list != [1] or int8_head_list != [False]):
+    fail("batch_sizes and int8_head time the CUDA engine: drop them on the CPU, or run on a CUDA GPU")
 if mode == 'prefill' and device_type != 'cuda':
     fail("mode=prefill times the CUDA kernels of the packed layer and needs a CUDA GPU "
          "(on the CPU the packed layer is unpack-then-matmul itself)")
