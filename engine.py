@@ -3,6 +3,8 @@ Fast decoding on CUDA for any GPT of model.py: float, b1.58 training form, or pa
 
     engine = Engine(model, max_len=512)               # model on a CUDA device, in eval mode
     out = engine.generate(idx, max_new_tokens=256, temperature=0)
+    engine = Engine(model, batch_size=4, max_len=512, int8_head=True)
+    out = engine.generate(idx, 256, lengths=[16, 9, 12, 3])   # idx (4, 16): prompts right-padded
 
 The KV cache is preallocated (StaticKVCache, below): its position lives in a device tensor and
 attention runs over the whole buffer under a mask, so one decoding step has no shapes or
@@ -17,13 +19,14 @@ STEPS such steps, so the host only replays it. The prompt is
 prefilled by the ordinary forward pass, captured in a CUDA graph of its own per prompt length
 (the last few lengths are kept), so a repeated prompt length costs one replay. The float
 model and the packed model run through the same engine, so their speeds compare fairly.
+A batch decodes together, each sequence at its own position (prompts of different lengths);
+int8_head=True reads the lm_head as int8 with a scale per row (ops.quantize_head).
 """
 
 import torch
 import torch.nn.functional as F
 
-import ops  # noqa: F401  (defines torch.ops.bitnet.decode_attention and lm_head_argmax)
-from ops import quantize_head
+from ops import quantize_head   # importing ops defines torch.ops.bitnet.decode_attention and lm_head_argmax
 from model import KVCache, sample
 
 if torch.cuda.is_available():
