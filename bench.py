@@ -23,15 +23,16 @@ the median step time is reported. Peak memory is what a variant adds to the devi
 allocated memory while it trains (CUDA only). On CUDA the compiled forward and backward run as
 CUDA graphs, as in train.py (--cuda_graphs=False: kernel by kernel, launched from Python).
 
-Decoding (batch 1, a short prompt, then greedy tokens) for the packed ternary model and the
-float model of the same shape with random weights:
+Decoding (a short prompt, then greedy tokens; batch 1 unless --batch_sizes says more) for the
+packed ternary model and the float model of the same shape with random weights:
 
     python bench.py --mode=decode --n_layer=30 --n_head=20 --n_kv_head=5 --n_embd=2560 \
         --intermediate_size=6912 --vocab_size=128256 --tie_embeddings=True --rope_theta=500000.0   # BitNet b1.58 2B4T
     python bench.py --mode=decode --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50257 --tie_embeddings=True  # ~125M
+    python bench.py --mode=decode ... --compile=False --batch_sizes=1,2,4,8,16 --int8_head=False,True  # batches
 
 On CUDA both run in engine.py (static KV cache, one CUDA graph per token) in bfloat16.
-Reported: tokens per second and ms per token (the prompt's prefill included), weight bytes, peak
+Reported: tokens per second and ms per step (the prompt's prefill included), weight bytes, peak
 memory, and the fraction of the memory bandwidth limit reached (weight bytes x tokens/s over the
 measured copy bandwidth).
 
@@ -64,7 +65,7 @@ from configurator import (check, check_choice, check_device, check_device_presen
                           check_new_file, check_optional_bools, configure, fail)
 
 # -----------------------------------------------------------------------------
-mode = 'train'             # 'train': training step time; 'decode': batch-1 generation speed;
+mode = 'train'             # 'train': training step time; 'decode': greedy generation speed;
                            # 'prefill': the packed layer for many rows against unpack-then-matmul (CUDA)
 quants = 'none,b1.58,b1'   # train: variants to compare, the first one is the reference
 wrappers = 'none'          # train: 'none', 'ddp', 'fsdp', comma-separated: the model as it is, in DDP, or sharded by
@@ -89,6 +90,9 @@ steps_per_round = 10
 tie_embeddings = False
 rope_theta = 10000.0
 prompt_len = 16            # decode: prompt tokens (prefilled), then new_tokens greedy tokens
+batch_sizes = '1'          # decode on CUDA: sequences decoded together, comma-separated to compare several
+int8_head = 'False'        # decode on CUDA: the packed model's lm_head in dtype ('False'), int8 with row scales
+                           # ('True', Engine(int8_head=True)), or both ('False,True')
 new_tokens = 256
 repeats = 3                # decode: timed generations per variant (median)
 prefill_rows = 512         # prefill: rows of the input (prompt tokens x batch)
@@ -120,6 +124,11 @@ check_floats(globals(), 'rope_theta', 0, low_open=True)
 check_optional_bools(globals(), 'compile cuda_graphs')
 check_heads(n_embd, n_head, n_kv_head)
 check(not packed_file or mode == 'decode', "packed_file is written by --mode=decode only: add it, or drop --packed_file")
+batch_size_list = [int(b) for b in batch_sizes.split(',') if b.isdigit() and 0 < int(b) <= 4096]
+check(len(batch_size_list) == len(batch_sizes.split(',')),
+      f"batch_sizes must be a comma-separated list of positive integers, got '{batch_sizes}'")
+int8_head_list = [{'False': False, 'True': True}.get(h) for h in int8_head.split(',')]
+check(None not in int8_head_list, f"int8_head must be False, True or False,True, got '{int8_head}'")
 wrapper_list = wrappers.split(',')
 if any(w not in ('none', 'ddp', 'fsdp') for w in wrapper_list):
     fail(f"wrappers must be a comma-separated list of none, ddp, fsdp, got '{wrappers}'")
@@ -145,6 +154,8 @@ if packed_file:
     check_new_file(packed_file, 'packed_file', overwrite, replaceable=is_packed_file)
 if threads:
     torch.set_num_threads(threads)
+if device_type != 'cuda' and (batch_size_list != [1] or int8_head_list != [False]):
+    fail("batch_sizes and int8_head time the CUDA engine: drop them on the CPU, or run on a CUDA GPU")
 if mode == 'prefill' and device_type != 'cuda':
     fail("mode=prefill times the CUDA kernels of the packed layer and needs a CUDA GPU "
          "(on the CPU the packed layer is unpack-then-matmul itself)")
@@ -348,13 +359,13 @@ def tensor_bytes(model):
 
 
 def bench_decode():
-    """Batch-1 greedy decoding, packed ternary vs float, same engine (see the module docstring)."""
+    """Greedy decoding, packed ternary vs float, same engine (see the module docstring)."""
     import os
     import statistics
     from engine import Engine
     from checkpoint import save_packed
+    from ops import quantize_head
     results = []
-    prompt = torch.randint(vocab_size, (1, prompt_len), device=device)
     modes = ([False, True] if compile_arg is None else [compile_arg]) if cuda else [False]
     for variant in ('packed', 'float'):
         if cuda:
@@ -363,13 +374,21 @@ def bench_decode():
             base = torch.cuda.memory_allocated()
         model = random_model('b1.58' if variant == 'packed' else 'none', variant == 'packed')
         n_bitlinear = sum(m.packed.numel() for m in model.modules() if hasattr(m, 'row_scale'))
-        for mode in modes:
+        weight_bytes = tensor_bytes(model)
+        head = model.lm_head.weight
+        head_bytes = head.numel() * ptdtype.itemsize   # the lm_head as the engine reads it, in dtype
+        for mode, int8, B in [(m, h, b) for m in modes for h in (int8_head_list if variant == 'packed' and cuda
+                                                                  else [False]) for b in batch_size_list]:
+            prompt = torch.randint(vocab_size, (B, prompt_len), device=device)
             if cuda:
-                runner = Engine(model, max_len=prompt_len + new_tokens, dtype=ptdtype, compile=mode)
+                runner = Engine(model, batch_size=B, max_len=prompt_len + new_tokens, dtype=ptdtype, compile=mode,
+                                int8_head=int8)
                 generate = lambda: runner.generate(prompt, new_tokens)
             else:
                 generate = lambda: model.generate(prompt, new_tokens, temperature=0)
-            weight_bytes = tensor_bytes(model)
+            # bytes one decoding step reads at least: every weight once, the lm_head as the engine holds it
+            step_bytes = weight_bytes - head_bytes * (not tie_embeddings) + \
+                (head.numel() + 4 * head.size(0) if int8 else head_bytes)
             with torch.no_grad():
                 first = generate()   # warm-up: compilation, autotuning, graph capture
             times = []
@@ -384,25 +403,26 @@ def bench_decode():
             same = (out[0, prompt_len:] == first[0, prompt_len:]).tolist()
             stable = same.index(False) if False in same else new_tokens
             t = statistics.median(times)
-            name = variant + ((' compiled' if mode else ' eager') if cuda else '')
-            if profile and cuda:
+            name = variant + (' int8-head' if int8 else '') + ((' compiled' if mode else ' eager') if cuda else '')
+            if profile and cuda and B == 1:
                 runner.cache.pos.fill_(prompt_len)   # a position inside the cache
                 with torch.no_grad():
                     profile_kernels(runner.step, f"decode step, {name} (no CUDA graph)", 1)
             peak = (torch.cuda.max_memory_allocated() - base) if cuda else None
-            row = dict(variant=variant, name=name, tok_s=new_tokens / t, ms=1000 * t / new_tokens,
-                       weight_bytes=weight_bytes, peak=peak, stable=stable)
+            row = dict(variant=variant, name=name, batch=B, tok_s=B * new_tokens / t, ms=1000 * t / new_tokens,
+                       weight_bytes=weight_bytes, step_bytes=step_bytes, peak=peak, stable=stable)
             if variant == 'packed':
                 row['bits'] = 8 * sum(m.packed.numel() + 4 * m.row_scale.numel()
                                       for m in model.modules() if hasattr(m, 'row_scale')) / (4 * n_bitlinear) \
                     if n_bitlinear else None
             results.append(row)
+            print(f"measured: {name} batch {B}: {row['tok_s']:.1f} tokens/s, {row['ms']:.3f} ms/step", flush=True)
             if cuda:
                 del runner
         if variant == 'packed' and packed_file:
             save_packed(model, packed_file, dtype=torch.bfloat16)
             results[-1]['file_bytes'] = os.path.getsize(packed_file)
-        del model, generate
+        del model, generate, head
     bandwidth = None
     if cuda:  # device-to-device copy, bytes read + written
         a = torch.empty(2**30, dtype=torch.uint8, device=device)
@@ -420,19 +440,22 @@ def bench_decode():
     print(f"device: {device_name}; torch {torch.__version__}; dtype {dtype}; compile {compile}")
     print(f"model: {n_layer} layers, {n_head} heads ({n_kv_head or n_head} kv), {n_embd} wide, MLP "
           f"{GPTConfig(n_embd=n_embd, n_head=n_head, intermediate_size=intermediate_size).intermediate_size}, "
-          f"vocab {vocab_size}, tied {tie_embeddings}; batch 1, prompt {prompt_len}, {new_tokens} new tokens, "
+          f"vocab {vocab_size}, tied {tie_embeddings}; prompt {prompt_len}, {new_tokens} new tokens per sequence, "
           f"median of {repeats}" + (f"; copy bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""))
-    print("(repeat: how many greedy tokens a timed run shares with the first run before they differ)")
-    print(f"{'variant':<16} {'tokens/s':>9} {'ms/token':>9} {'vs float':>9} {'weights':>12} {'peak mem':>12} "
-          f"{'of BW limit':>12} {'repeat':>7}")
-    ref = max(r['tok_s'] for r in results if r['variant'] == 'float')
+    print("(tokens/s: all sequences of the batch; ms/step: one token of each sequence; of BW limit: bytes a step "
+          "reads at least x steps/s over the copy bandwidth; repeat: how many greedy tokens of the first sequence a "
+          "timed run shares with the first run before they differ)")
+    print(f"{'variant':<26} {'batch':>5} {'tokens/s':>9} {'ms/step':>8} {'vs float':>9} {'weights':>12} "
+          f"{'peak mem':>12} {'of BW limit':>12} {'repeat':>7}")
     for r in results:
-        frac = f"{r['weight_bytes'] * r['tok_s'] / bandwidth * 100:.0f}%" if bandwidth else 'n/a'
+        floats = [f['tok_s'] for f in results if f['variant'] == 'float' and f['batch'] == r['batch']]
+        frac = f"{r['step_bytes'] * r['tok_s'] / r['batch'] / bandwidth * 100:.0f}%" if bandwidth else 'n/a'
         mem = f"{r['peak'] / 2**20:,.1f} MiB" if r['peak'] is not None else 'n/a'
         weights = f"{r['weight_bytes'] / 2**20:,.1f} MiB"
-        print(f"{r['name']:<16} {r['tok_s']:9.1f} {r['ms']:9.3f} {r['tok_s'] / ref:8.2f}x {weights:>12} {mem:>12} "
+        vs = f"{r['tok_s'] / max(floats):8.2f}x" if floats else f"{'n/a':>9}"
+        print(f"{r['name']:<26} {r['batch']:5d} {r['tok_s']:9.1f} {r['ms']:8.3f} {vs} {weights:>12} {mem:>12} "
               f"{frac:>12} {r['stable']:>7}")
-    print("vs float: against the faster float row")
+    print("vs float: against the faster float row of the same batch size")
     packed_row = [r for r in results if r['variant'] == 'packed'][-1]
     if packed_row.get('bits'):
         print(f"packed BitLinear weights in memory: {packed_row['bits']:.3f} bits per weight (2-bit codes + a float32 scale per row)")

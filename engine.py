@@ -3,6 +3,8 @@ Fast decoding on CUDA for any GPT of model.py: float, b1.58 training form, or pa
 
     engine = Engine(model, max_len=512)               # model on a CUDA device, in eval mode
     out = engine.generate(idx, max_new_tokens=256, temperature=0)
+    engine = Engine(model, batch_size=4, max_len=512, int8_head=True)
+    out = engine.generate(idx, 256, lengths=[16, 9, 12, 3])   # idx (4, 16): prompts right-padded
 
 The KV cache is preallocated (StaticKVCache, below): its position lives in a device tensor and
 attention runs over the whole buffer under a mask, so one decoding step has no shapes or
@@ -17,12 +19,14 @@ STEPS such steps, so the host only replays it. The prompt is
 prefilled by the ordinary forward pass, captured in a CUDA graph of its own per prompt length
 (the last few lengths are kept), so a repeated prompt length costs one replay. The float
 model and the packed model run through the same engine, so their speeds compare fairly.
+A batch decodes together, each sequence at its own position (prompts of different lengths);
+int8_head=True reads the lm_head as int8 with a scale per row (ops.quantize_head).
 """
 
 import torch
 import torch.nn.functional as F
 
-import ops  # noqa: F401  (defines torch.ops.bitnet.decode_attention and lm_head_argmax)
+from ops import quantize_head   # importing ops defines torch.ops.bitnet.decode_attention and lm_head_argmax
 from model import KVCache, sample
 
 if torch.cuda.is_available():
@@ -30,19 +34,20 @@ if torch.cuda.is_available():
 
 
 class StaticKVCache(KVCache):
-    """The same cache with its position in a device tensor and attention over the whole buffer
-    under a mask: no shape or Python value changes from one token to the next, so a decoding
-    step can be captured once in a CUDA graph and replayed (engine.py)."""
+    """The same cache with each sequence's position in a device tensor pos (B,) and attention over
+    the whole buffer under a mask: no shape or Python value changes from one token to the next, so
+    a decoding step can be captured once in a CUDA graph and replayed (engine.py). Sequences of a
+    batch may stand at different positions (prompts of different lengths)."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         super().__init__(config, batch_size, max_len, device, dtype)
-        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.arange = torch.arange(max_len, device=device)
 
     def rope(self, cos, sin, T):
         self.tables = (cos, sin)  # kept for decode(), which rotates inside its one op
-        positions = self.pos + self.arange[:T]
-        return cos[positions], sin[positions]
+        positions = self.pos[:, None] + self.arange[:T]                  # (B, T)
+        return cos[positions][:, None], sin[positions][:, None]         # (B, 1, T, hs): broadcast over heads
 
     def decodes(self, T):
         """Whether attention for T new positions goes through decode() (one op per layer)."""
@@ -55,12 +60,13 @@ class StaticKVCache(KVCache):
         return y[:, None]
 
     def attend(self, layer_idx, q, k, v):
-        positions = self.pos + self.arange[:k.size(2)]                  # (T,)
-        self.k[layer_idx].index_copy_(2, positions, k.to(self.k.dtype))
-        self.v[layer_idx].index_copy_(2, positions, v.to(self.v.dtype))
-        mask = self.arange[None, :] <= positions[:, None]                # (T, max_len)
+        positions = self.pos[:, None] + self.arange[:k.size(2)]         # (B, T)
+        b = torch.arange(k.size(0), device=k.device)[:, None]
+        self.k[layer_idx][b, :, positions] = k.transpose(1, 2).to(self.k.dtype)   # (B, T, nkv, hs)
+        self.v[layer_idx][b, :, positions] = v.transpose(1, 2).to(self.v.dtype)
+        mask = self.arange <= positions[:, :, None]                     # (B, T, max_len)
         return F.scaled_dot_product_attention(q, self.k[layer_idx].to(q.dtype), self.v[layer_idx].to(q.dtype),
-                                              attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
+                                              attn_mask=mask[:, None], enable_gqa=q.size(1) != k.size(1))
 
     def advance(self, T):
         self.pos.add_(T)
@@ -70,10 +76,12 @@ class Engine:
 
     STEPS = 8   # greedy tokens per replay of the multi-step graph
 
-    def __init__(self, model, batch_size=1, max_len=None, dtype=torch.bfloat16, compile=True):
+    def __init__(self, model, batch_size=1, max_len=None, dtype=torch.bfloat16, compile=True, int8_head=False):
         """model: a GPT on a CUDA device. dtype: the activations, the KV cache and the model's
         parameters (embedding, norms, lm_head; a float model's projections too). Packed
-        buffers (uint8 weights, float32 scales) and the rotary tables are left as they are."""
+        buffers (uint8 weights, float32 scales) and the rotary tables are left as they are.
+        int8_head: the lm_head read as int8 with a float32 scale per row (ops.quantize_head),
+        half the bytes of bfloat16; the logits move a little (docs/kernels.md gives how much)."""
         self.model = model.eval()
         self.device = next(model.buffers()).device
         with torch.no_grad():
@@ -84,8 +92,10 @@ class Engine:
         if self.max_len > config.block_size:
             raise ValueError(f"max_len {self.max_len} is longer than the model's block_size {config.block_size}")
         self.batch_size = batch_size
+        self.head = quantize_head(model.lm_head.weight) if int8_head else (model.lm_head.weight, None)
         self.cache = StaticKVCache(config, batch_size, self.max_len, self.device, dtype)
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self.lengths = torch.ones(batch_size, dtype=torch.long, device=self.device)   # the prompts' lengths
         self.out = torch.zeros(batch_size, self.max_len, dtype=torch.long, device=self.device)  # greedy tokens by position
         self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
         self.graph = None
@@ -93,27 +103,32 @@ class Engine:
         self.greedy_graphs = None   # (graph of one greedy step, graph of STEPS greedy steps)
         self.prefills = {}  # prompt length -> (prompt buffer, CUDA graph, (logits, greedy token))
 
-    def _head(self, idx):
-        """idx (B, T) at positions cache.pos ... -> the last position's logits (B, vocab) and
-        greedy token (B, 1), from one op (ternary_kernels.lm_head_kernel on CUDA)."""
-        x = self.model.hidden(idx, kv_cache=self.cache)[:, -1, :]
-        return torch.ops.bitnet.lm_head_argmax(x, self.model.lm_head.weight)
+    def _head(self, x):
+        """x (B, C), final hidden states -> logits (B, vocab) and greedy token (B, 1), from one op
+        (ternary_kernels.lm_head_kernel on CUDA)."""
+        return torch.ops.bitnet.lm_head_argmax(x, *self.head)
 
     def _step(self):
-        """One decoding step: the token in self.tokens at position cache.pos -> logits, greedy token."""
-        return self._head(self.tokens)
+        """One decoding step: each sequence's token in self.tokens at its position cache.pos ->
+        logits, greedy token."""
+        return self._head(self.model.hidden(self.tokens, kv_cache=self.cache)[:, -1, :])
 
     def _greedy_steps(self, n):
         """n greedy steps: each feeds self.tokens at cache.pos, and its argmax becomes both the
-        next step's token and self.out[:, new position]."""
+        next step's token and self.out[b, new position of b]."""
         for _ in range(n):
             _, token = self.step()                                            # (B, 1)
             self.tokens.copy_(token)
-            self.out.index_copy_(1, self.cache.pos.view(1), token)
+            self.out.scatter_(1, self.cache.pos[:, None], token)
 
     def _prefill(self):
-        """The prompt in self.prompt (B, T), written into the cache from position 0 -> logits, greedy token."""
-        return self._head(self.prompt)
+        """The prompts in self.prompt (B, T), right-padded to T, written into the cache from
+        position 0 -> logits, greedy token at each prompt's last position self.lengths - 1. The
+        padding's keys and values sit past each sequence's position, where attention never looks
+        and decoding overwrites them."""
+        x = self.model.hidden(self.prompt, kv_cache=self.cache)                   # (B, T, C)
+        self.cache.pos.copy_(self.lengths)
+        return self._head(x[torch.arange(x.size(0), device=x.device), self.lengths - 1])
 
     def _capture(self, fn):
         """Warm up fn (compile, autotune) on a side stream, then record it in a CUDA graph ->
@@ -133,9 +148,11 @@ class Engine:
         self.cache.pos.copy_(pos)
         return graph, out
 
-    def prefill(self, idx):
-        """Write the prompt idx (B, T) into the cache from position 0 -> last logits (B, vocab),
-        greedy token (B, 1)."""
+    def prefill(self, idx, lengths=None):
+        """Write the prompts idx (B, T) into the cache from position 0 -> logits (B, vocab) and
+        greedy token (B, 1) at each prompt's last position. lengths (B,): each prompt's length
+        (right-padded to T); None: all T."""
+        self.lengths.copy_(lengths if lengths is not None else torch.full_like(self.lengths, idx.size(1)))
         self.cache.pos.zero_()
         T = idx.size(1)
         if T not in self.prefills:
@@ -149,28 +166,39 @@ class Engine:
         return head
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None):
-        """idx (B, T) on the device -> (B, T + max_new_tokens). temperature 0 is greedy."""
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, lengths=None):
+        """idx (B, T) on the device -> (B, T + max_new_tokens). temperature 0 is greedy.
+        lengths (B,): prompts of different lengths, right-padded to T; each sequence decodes from
+        its own position, and row b of the result holds its lengths[b] prompt tokens, its
+        max_new_tokens new ones, then T - lengths[b] zeros."""
         B, T = idx.shape
         if B != self.batch_size:
             raise ValueError(f"this engine decodes batches of {self.batch_size}, got {B}")
         if T + max_new_tokens > self.max_len:
             raise ValueError(f"{T} + {max_new_tokens} tokens do not fit max_len {self.max_len}")
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, dtype=torch.long).to(self.device)
+            if lengths.shape != (B,) or lengths.min() < 1 or lengths.max() > T:
+                raise ValueError(f"lengths must hold {B} prompt lengths from 1 to {T}, got {lengths.tolist()}")
         if temperature == 0 and self.greedy_graphs is None:
             self._capture_greedy()
-        logits, token = self.prefill(idx)
+        logits, token = self.prefill(idx, lengths)
         if temperature == 0:
-            return self._generate_greedy(idx, token, max_new_tokens)
-        if self.graph is None:
-            self.graph, (self.logits, _) = self._capture(self.step)
-        out = torch.empty(B, max_new_tokens, dtype=torch.long, device=self.device)
-        for i in range(max_new_tokens):
-            out[:, i] = sample(logits, temperature, top_k)[:, 0]
-            if i + 1 < max_new_tokens:
-                self.tokens.copy_(out[:, i:i + 1])
-                self.graph.replay()
-                logits = self.logits
-        return torch.cat((idx, out), dim=1)
+            new = self._generate_greedy(token, max_new_tokens)
+        else:
+            if self.graph is None:
+                self.graph, (self.logits, _) = self._capture(self.step)
+            new = torch.empty(B, max_new_tokens, dtype=torch.long, device=self.device)
+            for i in range(max_new_tokens):
+                new[:, i] = sample(logits, temperature, top_k)[:, 0]
+                if i + 1 < max_new_tokens:
+                    self.tokens.copy_(new[:, i:i + 1])
+                    self.graph.replay()
+                    logits = self.logits
+        if lengths is None:
+            return torch.cat((idx, new), dim=1)
+        out = torch.cat((idx.masked_fill(self.cache.arange[:T] >= lengths[:, None], 0), torch.zeros_like(new)), dim=1)
+        return out.scatter_(1, lengths[:, None] + self.cache.arange[:max_new_tokens], new)
 
     def _capture_greedy(self):
         """The graphs of 1 and of `steps` greedy steps, captured from position 0, before a prompt
@@ -179,16 +207,17 @@ class Engine:
         self.cache.pos.zero_()
         self.greedy_graphs = [self._capture(lambda n=n: self._greedy_steps(n))[0] for n in (1, self.steps)]
 
-    def _generate_greedy(self, idx, token, max_new_tokens):
-        T = idx.size(1)
+    def _generate_greedy(self, token, max_new_tokens):
+        """From the prefill's greedy token (B, 1) -> the max_new_tokens new tokens (B, max_new_tokens)."""
         if max_new_tokens == 0:
-            return idx.clone()
+            return token[:, :0]
         one, many = self.greedy_graphs
+        start = self.cache.pos.clone()              # the first new token's position, per sequence
         self.tokens.copy_(token)
-        self.out[:, T:T + 1] = token
+        self.out.scatter_(1, start[:, None], token)
         left = max_new_tokens - 1
         for _ in range(left // self.steps):
             many.replay()
         for _ in range(left % self.steps):
             one.replay()
-        return torch.cat((idx, self.out[:, T:T + max_new_tokens]), dim=1)
+        return self.out.gather(1, start[:, None] + self.cache.arange[:max_new_tokens])

@@ -6,11 +6,14 @@ device without this file knowing them (ternary_kernels.py does so for CUDA).
     bitnet::packed_linear     a packed ternary layer: RMSNorm, int8 activations, the exact
                               integer product with 2-bit weights, rescale, epilogue (packed.py)
     bitnet::decode_attention  one decoding step of attention: rotary, cache write, attend
-    bitnet::lm_head_argmax    the decoding head: logits and the greedy token together
+    bitnet::lm_head_argmax    the decoding head: logits and the greedy token together (bfloat16
+                              weights, or int8 with a float32 scale per row: quantize_head)
 
 Each op's reference function (`*_reference`) is what the op computes; tests compare every
 kernel with it.
 """
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -60,17 +63,20 @@ def _(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps):
 
 def decode_attention_reference(qkv, k_cache, v_cache, pos, cos, sin, n_head):
     """One decoding step of attention, for one new position per sequence: qkv (B, (nh + 2 nkv) hs)
-    is the projected q, k, v at position pos (a 0-d tensor); rotate q and k (cos, sin: the
-    (max_positions, hs) tables), write k and v into the caches (B, nkv, max_len, hs) at pos,
-    and attend from q to positions 0 .. pos -> (B, nh * hs)."""
-    B, nkv, _, hs = k_cache.shape
+    is the projected q, k, v; pos holds each sequence's position, (B,) (or one for all, 0-d);
+    rotate q and k (cos, sin: the (max_positions, hs) tables), write k and v into the caches
+    (B, nkv, max_len, hs) at each sequence's position, and attend from q to its positions
+    0 .. pos -> (B, nh * hs)."""
+    B, nkv, max_len, hs = k_cache.shape
+    pos = pos.expand(B)
     q, k, v = qkv.split([n_head * hs, nkv * hs, nkv * hs], dim=-1)
     q, k, v = q.view(B, n_head, 1, hs), k.view(B, nkv, 1, hs), v.view(B, nkv, 1, hs)
-    c, s = cos[pos].view(1, hs), sin[pos].view(1, hs)
+    c, s = cos[pos].view(B, 1, 1, hs), sin[pos].view(B, 1, 1, hs)
     q, k = apply_rotary(q, c, s), apply_rotary(k, c, s)
-    k_cache.index_copy_(2, pos.view(1), k.to(k_cache.dtype))
-    v_cache.index_copy_(2, pos.view(1), v.to(v_cache.dtype))
-    mask = (torch.arange(k_cache.size(2), device=q.device) <= pos)[None, :]   # (1, max_len)
+    b = torch.arange(B, device=q.device)
+    k_cache[b, :, pos] = k[:, :, 0].to(k_cache.dtype)                      # (B, nkv, hs) at (b, :, pos[b])
+    v_cache[b, :, pos] = v[:, :, 0].to(v_cache.dtype)
+    mask = (torch.arange(max_len, device=q.device) <= pos[:, None])[:, None, None, :]   # (B, 1, 1, max_len)
     y = F.scaled_dot_product_attention(q.to(k_cache.dtype), k_cache, v_cache, attn_mask=mask,
                                        enable_gqa=n_head != nkv)
     return y.reshape(B, n_head * hs).to(qkv.dtype)
@@ -88,19 +94,34 @@ def _(qkv, k_cache, v_cache, pos, cos, sin, n_head):
     return qkv.new_empty(qkv.size(0), n_head * k_cache.size(3))
 
 
-def lm_head_argmax_reference(x, weight):
+def lm_head_argmax_reference(x, weight, scale=None):
     """The decoding head: x (B, C), the final hidden states -> logits (B, vocab) in x's dtype and
-    the greedy token (B, 1), the index of each row's first maximum (as argmax picks it)."""
-    logits = F.linear(x, weight)
+    the greedy token (B, 1), the index of each row's first maximum (as argmax picks it).
+    scale (vocab,) float32, given for an int8 weight: logits = (x @ weight^T) * scale, in float32
+    before rounding to x's dtype (quantize_head makes such a weight)."""
+    if scale is None:
+        logits = F.linear(x, weight)
+    else:
+        logits = (F.linear(x.float(), weight.float()) * scale).to(x.dtype)
     return logits, logits.argmax(dim=-1, keepdim=True)
 
 
 @torch.library.custom_op('bitnet::lm_head_argmax', mutates_args=())
-def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor,
+                   scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """lm_head_argmax_reference as one op; on CUDA one Triton kernel (ternary_kernels.py)."""
-    return lm_head_argmax_reference(x, weight)
+    return lm_head_argmax_reference(x, weight, scale)
 
 
 @lm_head_argmax.register_fake
-def _(x, weight):
+def _(x, weight, scale=None):
     return x.new_empty(x.size(0), weight.size(0)), x.new_empty(x.size(0), 1, dtype=torch.long)
+
+
+def quantize_head(weight):
+    """An lm_head weight (vocab, C) -> int8 (vocab, C) and float32 scales (vocab,): each row
+    rounded to 127 levels of its own absmax, w ~= w_int8 * scale. Half the bytes of bfloat16, for
+    Engine(head='int8'); every logit moves by at most sum_k |x_k| * scale / 2."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale

@@ -25,6 +25,9 @@ heads that share them (grouped-query attention), with an online softmax.
 The decoding head (torch.ops.bitnet.lm_head_argmax, ops.py): logits = x @ lm_head^T as a
 GEMV over blocks of vocabulary rows, each block also leaving its first maximum, and the last
 block to finish picking the greedy token, so greedy decoding needs no separate argmax kernels.
+A batch (2 rows or more) goes through lm_head_rows_kernel, which reads each block of weights
+once for up to 16 rows, on the tensor cores. The weights may be int8 with a float32 scale per
+row (Engine(int8_head=True)).
 
 Prefill (M > 16): the weights are unpacked to int8 once per call and multiplied on the int8
 tensor cores (torch._int_mm, int32 accumulation, exact), then rescaled; bench.py compares it
@@ -360,13 +363,13 @@ def packed_linear_cuda(x, norm_weight, packed, row_scale, residual, out_features
 
 @triton.jit
 def decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, cos_ptr, sin_ptr, scale,
-                            stride_kb, stride_kh, stride_kl,
+                            stride_pos, stride_kb, stride_kh, stride_kl,
                             NH: tl.constexpr, NKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
                             BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     HALF: tl.constexpr = HD // 2
     kvh = tl.program_id(0)
     b = tl.program_id(1)
-    pos = tl.load(pos_ptr)
+    pos = tl.load(pos_ptr + b * stride_pos)     # this sequence's position (stride 0: one for all)
     cache_ty = k_ptr.dtype.element_ty
     row = qkv_ptr + b * (NH + 2 * NKV) * HD
     offs_h = tl.arange(0, HALF)
@@ -434,7 +437,7 @@ def decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, cos_ptr, sin_
 def decode_attention_cuda(qkv, k_cache, v_cache, pos, cos, sin, n_head):
     B = qkv.size(0)
     NKV, HD = k_cache.size(1), k_cache.size(3)
-    if HD & (HD - 1) or HD < 32 or k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride() \
+    if HD & (HD - 1) or HD < 32 or k_cache.stride(3) != 1 or pos.numel() not in (1, B) or v_cache.stride() != k_cache.stride() \
             or not qkv.is_contiguous() or not cos.is_contiguous():
         return decode_attention_reference(qkv, k_cache, v_cache, pos, cos, sin, n_head)
     out = torch.empty(B, n_head * HD, device=qkv.device, dtype=qkv.dtype)
@@ -442,7 +445,7 @@ def decode_attention_cuda(qkv, k_cache, v_cache, pos, cos, sin, n_head):
     ieee = k_cache.dtype == torch.float32   # float32 tiles of 128 positions need too much shared memory
     decode_attention_kernel[(NKV, B)](
         qkv, k_cache, v_cache, out, pos, cos, sin, HD ** -0.5,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        pos.stride(0) if pos.dim() else 0, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NH=n_head, NKV=NKV, G=G, HD=HD, BLOCK_G=max(16, triton.next_power_of_2(G)),
         BLOCK_N=64 if ieee else 128, IEEE=ieee, num_warps=4 if ieee else 8)
     return out
@@ -460,11 +463,12 @@ def _lm_head_counts(device):
 
 
 @triton.jit
-def lm_head_kernel(x_ptr, w_ptr, y_ptr, best_ptr, at_ptr, count_ptr, token_ptr, V, C, BLOCKS,
-                   BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr):
+def lm_head_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, best_ptr, at_ptr, count_ptr, token_ptr, V, C, BLOCKS,
+                   HAS_SCALE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr):
     """logits = x @ w^T for decoding, and the greedy token: program (block, m) computes the
     logits of rows block * BLOCK_V ... of w for row m of x, stores them in y's dtype, and leaves
-    the first of their maxima (value and index, of the stored values) in best_ptr / at_ptr; the
+    the first of their maxima (value and index, of the stored values) in best_ptr / at_ptr (an int8
+    w (HAS_SCALE): each row's float32 sum times its scale before the rounding to y's dtype); the
     last program of row m to finish finds the first maximum over the blocks, writes its index
     to token_ptr and sets the row's count back to 0."""
     pid = tl.program_id(0)
@@ -478,7 +482,10 @@ def lm_head_kernel(x_ptr, w_ptr, y_ptr, best_ptr, at_ptr, count_ptr, token_ptr, 
         w = tl.load(w_ptr + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & (cols[None, :] < C), other=0.0,
                     eviction_policy='evict_first')   # read once: keep L2 for the rest
         acc += w.to(tl.float32) * x[None, :]
-    y = tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty)
+    y = tl.sum(acc, axis=1)
+    if HAS_SCALE:
+        y = y * tl.load(scale_ptr + rows, mask=rmask, other=0.0)
+    y = y.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + m * V + rows, y, mask=rmask)
     yf = tl.where(rmask, y.to(tl.float32), float('-inf'))
     tl.store(best_ptr + m * BLOCKS + pid, tl.max(yf, axis=0))
@@ -501,22 +508,87 @@ def lm_head_kernel(x_ptr, w_ptr, y_ptr, best_ptr, at_ptr, count_ptr, token_ptr, 
         tl.store(token_ptr + m, tl.load(at_ptr + m * BLOCKS + block, cache_modifier='.cg').to(tl.int64))
 
 
+@triton.jit
+def lm_head_rows_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, best_ptr, at_ptr, count_ptr, token_ptr, B, V, C, BLOCKS,
+                        HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr):
+    """lm_head_kernel for several rows of x (a batch of sequences): program (block, mt) multiplies
+    its BLOCK_V rows of w, read once, with rows mt * BLOCK_M ... of x on the tensor cores (float32
+    sums; IEEE: float32 operands), so a step of a batch reads the weights once, not once per
+    sequence. Logits, the blocks' maxima and the greedy tokens as lm_head_kernel leaves them; one
+    done-counter per tile of BLOCK_M rows."""
+    pid = tl.program_id(0)
+    mt = tl.program_id(1)
+    ms = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = ms < B
+    rows = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    rmask = rows < V
+    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        x = tl.load(x_ptr + ms[:, None] * C + cols[None, :], mask=mmask[:, None] & cmask[None, :], other=0.0)
+        w = tl.load(w_ptr + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0,
+                    eviction_policy='evict_first')
+        w = w.to(x.dtype)   # int8 codes are exact in bfloat16 and float32
+        if IEEE:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision='ieee')
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + rows, mask=rmask, other=0.0)[None, :]
+    y = acc.to(y_ptr.dtype.element_ty)                                          # (BLOCK_M, BLOCK_V)
+    tl.store(y_ptr + ms[:, None] * V + rows[None, :], y, mask=mmask[:, None] & rmask[None, :])
+    yf = tl.where(rmask[None, :], y.to(tl.float32), float('-inf'))
+    tl.store(best_ptr + ms * BLOCKS + pid, tl.max(yf, axis=1), mask=mmask)
+    tl.store(at_ptr + ms * BLOCKS + pid, pid * BLOCK_V + tl.argmax(yf, axis=1, tie_break_left=True), mask=mmask)
+    tl.debug_barrier()                                           # every thread's stores before the count
+    done = tl.atomic_add(count_ptr + mt, 1, sem='acq_rel')
+    if done == BLOCKS - 1:
+        tl.atomic_xchg(count_ptr + mt, 0, sem='relaxed')
+        # per row: lane j keeps the first maximum of blocks j, j + BLOCK_B, ...; then the first lane's of the largest
+        best = tl.full([BLOCK_M, BLOCK_B], float('-inf'), dtype=tl.float32)
+        first = tl.zeros([BLOCK_M, BLOCK_B], dtype=tl.int32)
+        for b0 in range(0, BLOCKS, BLOCK_B):
+            blocks = b0 + tl.arange(0, BLOCK_B)
+            v = tl.load(best_ptr + ms[:, None] * BLOCKS + blocks[None, :], mask=mmask[:, None] & (blocks < BLOCKS)[None, :],
+                        other=float('-inf'), cache_modifier='.cg')
+            take = v > best
+            best = tl.where(take, v, best)
+            first = tl.where(take, blocks[None, :], first)
+        top = tl.max(best, axis=1)
+        block = tl.min(tl.where(best == top[:, None], first, BLOCKS), axis=1)
+        block = tl.where(mmask, block, 0)
+        token = tl.load(at_ptr + ms * BLOCKS + block, mask=mmask, other=0, cache_modifier='.cg')
+        tl.store(token_ptr + ms, token.to(tl.int64), mask=mmask)
+
+
 LM_HEAD_BLOCK_V, LM_HEAD_BLOCK_C, LM_HEAD_WARPS = 64, 256, 4   # fixed (not autotuned): the float sums' order with them
+                                                                # (int8 weights with a scale: 2 x BLOCK_C, the bf16 bytes per step)
+LM_HEAD_ROWS = 16   # rows of x per program in lm_head_rows_kernel (batches of 2 or more; tl.dot needs 16)
 
 
 @lm_head_argmax.register_kernel('cuda')
-def lm_head_argmax_cuda(x, weight):
+def lm_head_argmax_cuda(x, weight, scale=None):
     B, C = x.shape
     V = weight.size(0)
     if not weight.is_contiguous() or B > LM_HEAD_MAX_ROWS:
-        return lm_head_argmax_reference(x, weight)
+        return lm_head_argmax_reference(x, weight, scale)
     x = x.contiguous()
     blocks = triton.cdiv(V, LM_HEAD_BLOCK_V)
     logits = torch.empty(B, V, device=x.device, dtype=x.dtype)
     best = torch.empty(B, blocks, device=x.device, dtype=torch.float32)
     at = torch.empty(B, blocks, device=x.device, dtype=torch.int32)
     token = torch.empty(B, 1, device=x.device, dtype=torch.long)
-    lm_head_kernel[(blocks, B)](x, weight, logits, best, at, _lm_head_counts(x.device), token, V, C, blocks,
-                                BLOCK_V=LM_HEAD_BLOCK_V, BLOCK_C=LM_HEAD_BLOCK_C,
+    if B > 1:   # a batch: each block of weights read once for all rows, on the tensor cores
+        lm_head_rows_kernel[(blocks, triton.cdiv(B, LM_HEAD_ROWS))](
+            x, weight, weight if scale is None else scale, logits, best, at, _lm_head_counts(x.device), token,
+            B, V, C, blocks, HAS_SCALE=scale is not None, IEEE=x.dtype == torch.float32, BLOCK_M=LM_HEAD_ROWS,
+            BLOCK_V=LM_HEAD_BLOCK_V, BLOCK_C=64 if x.dtype == torch.float32 else LM_HEAD_BLOCK_C,   # float32: shared memory
+            BLOCK_B=256, num_warps=LM_HEAD_WARPS)
+        return logits, token
+    lm_head_kernel[(blocks, B)](x, weight, weight if scale is None else scale, logits, best, at,
+                                _lm_head_counts(x.device), token, V, C, blocks, HAS_SCALE=scale is not None,
+                                BLOCK_V=LM_HEAD_BLOCK_V, BLOCK_C=2 * LM_HEAD_BLOCK_C if scale is not None else LM_HEAD_BLOCK_C,
                                 BLOCK_B=min(4096, triton.next_power_of_2(blocks)), num_warps=LM_HEAD_WARPS)
     return logits, token

@@ -20,7 +20,7 @@ import triton.language as tl  # noqa: E402
 import ternary_kernels as kernels  # noqa: E402
 from bitlinear import pack_ternary  # noqa: E402
 from model import rotary_tables  # noqa: E402
-from ops import decode_attention_reference, lm_head_argmax_reference, packed_linear_reference  # noqa: E402
+from ops import decode_attention_reference, lm_head_argmax_reference, packed_linear_reference, quantize_head  # noqa: E402
 
 
 class RoundHalfEven:
@@ -63,39 +63,52 @@ def gemv_case(M, K, out, epilogue, norm, dtype, block_r, kernel):
         assert (y.float() - ref.float()).abs().max() <= 0.05 * ref.float().abs().max()
 
 
-def attention_case(nh, nkv, hd, pos):
+def attention_case(nh, nkv, hd, pos, pos1=None):
+    """pos1: the second sequence's position, when the two differ (a (2,) tensor of positions)."""
     g = torch.Generator().manual_seed(pos + nh)
     qkv = torch.randn(2, (nh + 2 * nkv) * hd, generator=g)
     k = torch.randn(2, nkv, 96, hd, generator=g)
     v = torch.randn(2, nkv, 96, hd, generator=g)
-    k[:, :, pos + 1:] = float('nan')   # positions past pos must not be read
-    v[:, :, pos + 1:] = float('nan')
+    p = torch.tensor(pos) if pos1 is None else torch.tensor([pos, pos1])
+    for b, pb in enumerate(p.expand(2).tolist()):
+        k[b, :, pb + 1:] = float('nan')   # positions past a sequence's own must not be read
+        v[b, :, pb + 1:] = float('nan')
     cos, sin = rotary_tables(hd, 96, 10000.0)
-    p = torch.tensor(pos)
-    k_ref, v_ref = k[:, :, :pos + 1].clone(), v[:, :, :pos + 1].clone()
+    k_ref, v_ref = k.nan_to_num(), v.nan_to_num()
     o = torch.empty(2, nh * hd)
     kernels.decode_attention_kernel[(nkv, 2)](
-        qkv, k, v, o, p, cos, sin, hd ** -0.5, k.stride(0), k.stride(1), k.stride(2),
+        qkv, k, v, o, p, cos, sin, hd ** -0.5, p.stride(0) if p.dim() else 0, k.stride(0), k.stride(1), k.stride(2),
         NH=nh, NKV=nkv, G=nh // nkv, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(nh // nkv)), BLOCK_N=32, IEEE=True)
     ref = decode_attention_reference(qkv, k_ref, v_ref, p, cos, sin, nh)
     torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(k[:, :, pos], k_ref[:, :, pos], rtol=1e-5, atol=1e-5)   # the rotated key written
+    for b, pb in enumerate(p.expand(2).tolist()):   # the rotated key written at each sequence's position
+        torch.testing.assert_close(k[b, :, pb], k_ref[b, :, pb], rtol=1e-5, atol=1e-5)
 
 
-def lm_head_case(B, V, C, ties, block_b):
-    """ties: rows of the weight that all give the largest logit of every row of x."""
+def lm_head_case(B, V, C, ties, block_b, int8=False, rows=False):
+    """ties: rows of the weight that all give the largest logit of every row of x. int8: the
+    weight as ops.quantize_head stores it, with its scales. rows: lm_head_rows_kernel, 16 rows
+    of x per program (the grid's second axis over tiles of 16 rows)."""
     g = torch.Generator().manual_seed(V + C)
     x = torch.randn(B, C, generator=g)
     w = torch.randn(V, C, generator=g) * 0.1
     for r in ties:
         w[r] = x.sum(0)   # the same row, the largest logit of every row of x
+    scale = None
+    if int8:
+        w, scale = quantize_head(w)
     blocks = triton.cdiv(V, 16)
     logits = torch.empty(B, V)
     best, at = torch.full((B, blocks), float('nan')), torch.full((B, blocks), -1, dtype=torch.int32)
     count, token = torch.zeros(B, dtype=torch.int32), torch.full((B, 1), -1)
-    kernels.lm_head_kernel[(blocks, B)](x, w, logits, best, at, count, token, V, C, blocks,
-                                        BLOCK_V=16, BLOCK_C=32, BLOCK_B=block_b)
-    ref_logits, ref_token = lm_head_argmax_reference(x, w)
+    if rows:
+        kernels.lm_head_rows_kernel[(blocks, triton.cdiv(B, 16))](
+            x, w, w if scale is None else scale, logits, best, at, count, token, B, V, C, blocks, HAS_SCALE=int8,
+            IEEE=True, BLOCK_M=16, BLOCK_V=16, BLOCK_C=32, BLOCK_B=block_b)
+    else:
+        kernels.lm_head_kernel[(blocks, B)](x, w, w if scale is None else scale, logits, best, at, count, token, V, C,
+                                            blocks, HAS_SCALE=int8, BLOCK_V=16, BLOCK_C=32, BLOCK_B=block_b)
+    ref_logits, ref_token = lm_head_argmax_reference(x, w, scale)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(token, logits.argmax(-1, keepdim=True))   # the first maximum of its own logits
     if ties:
@@ -121,9 +134,11 @@ if __name__ == '__main__':
             print('ok', kernel, 'kernel', *case[:5], case[5], flush=True)
     # 7 blocks of 16 rows (the last one partial), C = 48 in steps of 32; the final argmax walks
     # the blocks 2 or 8 at a time; tied maxima in different blocks, in one block, in the last one
-    for case in [(2, 100, 48, [], 2), (2, 100, 48, [40, 90, 5], 2), (1, 100, 48, [33, 34], 8), (3, 100, 48, [99], 2)]:
+    for case in [(2, 100, 48, [], 2), (2, 100, 48, [40, 90, 5], 2), (1, 100, 48, [33, 34], 8), (3, 100, 48, [99], 2),
+                 (2, 100, 48, [40, 90, 5], 2, True),    # the int8 weight with its row scales
+                 (3, 100, 48, [40, 90, 5], 2, False, True), (18, 100, 48, [], 4, True, True)]:   # 16 rows a program
         lm_head_case(*case)
         print('ok lm_head', *case, flush=True)
-    for case in [(4, 4, 32, 0), (4, 2, 64, 40), (6, 1, 32, 95)]:
+    for case in [(4, 4, 32, 0), (4, 2, 64, 40), (6, 1, 32, 95), (4, 2, 64, 40, 7)]:   # the last: a position per sequence
         attention_case(*case)
         print('ok attention', *case, flush=True)

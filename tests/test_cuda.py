@@ -78,22 +78,53 @@ def test_decode_attention_kernel_matches_reference(dtype, nh, nkv, hd, pos):
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize('B,V,C', [(1, 128256, 2560), (2, 50257, 768), (3, 80, 128)])
-def test_lm_head_kernel_matches_reference(dtype, B, V, C):
+def test_decode_attention_kernel_at_a_position_per_sequence(dtype):
     import ternary_kernels  # noqa: F401
-    from ops import lm_head_argmax, lm_head_argmax_reference
+    from model import rotary_tables
+    from ops import decode_attention, decode_attention_reference
+    g = torch.Generator(device='cuda').manual_seed(3)
+    nh, nkv, hd, B = 20, 5, 128, 4
+    pos = torch.tensor([0, 63, 200, 129], device='cuda')
+    qkv = torch.randn(B, (nh + 2 * nkv) * hd, device='cuda', generator=g).to(dtype)
+    k = torch.randn(B, nkv, 256, hd, device='cuda', generator=g).to(dtype)
+    v = torch.randn(B, nkv, 256, hd, device='cuda', generator=g).to(dtype)
+    for b, p in enumerate(pos.tolist()):
+        k[b, :, p + 1:] = float('nan')   # positions past a sequence's own must not be read
+        v[b, :, p + 1:] = float('nan')
+    cos, sin = [t.cuda() for t in rotary_tables(hd, 256, 10000.0)]
+    k_ref, v_ref = k.nan_to_num(), v.nan_to_num()
+    y = decode_attention(qkv, k, v, pos, cos, sin, nh)
+    ref = decode_attention_reference(qkv, k_ref, v_ref, pos, cos, sin, nh)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol)
+    for b, p in enumerate(pos.tolist()):
+        torch.testing.assert_close(k[b, :, p].float(), k_ref[b, :, p].float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize('int8', [False, True], ids=['float', 'int8'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('B,V,C', [(1, 128256, 2560), (2, 50257, 768), (3, 80, 128), (16, 50257, 768)])
+def test_lm_head_kernel_matches_reference(dtype, B, V, C, int8):
+    import ternary_kernels  # noqa: F401
+    from ops import lm_head_argmax, lm_head_argmax_reference, quantize_head
     g = torch.Generator(device='cuda').manual_seed(V)
     x = torch.randn(B, C, device='cuda', generator=g).to(dtype)
     w = (torch.randn(V, C, device='cuda', generator=g) * 0.02).to(dtype)
-    ref_logits, ref_token = lm_head_argmax_reference(x, w)
-    logits, token = lm_head_argmax(x, w)
+    scale = None
+    if int8:
+        w, scale = quantize_head(w)
+    ref_logits, ref_token = lm_head_argmax_reference(x, w, scale)
+    logits, token = lm_head_argmax(x, w, scale)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=tol, atol=tol)
     assert torch.equal(token, logits.argmax(dim=-1, keepdim=True))   # the first maximum of its own logits
     ties = [V // 3, V // 2, V - 1]
-    w[ties] = x.float().sum(0).to(dtype)   # three equal rows: the largest logit of every row of x
+    w[ties] = x.float().sum(0).to(dtype) if not int8 else 127   # three equal rows: the largest logit of every row
+    if int8:
+        x = x.abs()
+        scale[ties] = 1.0
     for _ in range(2):   # again: the done-counts are back at 0
-        logits, token = lm_head_argmax(x, w)
+        logits, token = lm_head_argmax(x, w, scale)
         assert token.flatten().tolist() == [V // 3] * B
 
 
@@ -139,6 +170,27 @@ def test_engine_greedy_equals_generate(packed, compile):
     assert torch.equal(engine.generate(prompt, 100), expected)
 
 
+@pytest.mark.parametrize('packed', [False, True])
+def test_batched_engine_equals_generate_per_sequence(packed):
+    """Batches of 4 and 16, prompts of different lengths, compiled step: each sequence's greedy
+    tokens equal model.generate on that prompt alone."""
+    from engine import Engine
+    from packed import pack_model
+    model = tiny_gpt('b1.58' if packed else 'none').cuda()
+    if packed:
+        pack_model(model)
+    for B in (4, 16):
+        lengths = [7 - b % 7 for b in range(B)]
+        prompt = torch.randint(80, (B, 7), device='cuda')
+        engine = Engine(model, batch_size=B, max_len=107, dtype=torch.float32)
+        got = engine.generate(prompt, 100, lengths=lengths)
+        for b, L in enumerate(lengths):
+            with torch.no_grad():
+                expected = model.generate(prompt[b:b + 1, :L], 100, temperature=0)[0]
+            assert torch.equal(got[b, :L + 100], expected), (B, b)
+        assert torch.equal(engine.generate(prompt, 100, lengths=lengths), got)   # replaying the graphs again
+
+
 def GPT_training_logits(checkpoint, idx):
     """Last-position logits of a checkpoint's training-form model (float32, CUDA)."""
     from checkpoint import model_from_checkpoint
@@ -179,3 +231,37 @@ def test_packed_engine_greedy_equals_training_form_on_a_trained_checkpoint(dtype
         if dtype == torch.float32:
             assert first_diff >= 200 or chosen_gap < 1e-3 * ref.abs().max().item()
     print(decode(got[0].tolist()))
+
+
+@pytest.mark.skipif(not os.environ.get('BITNET_CKPT'), reason='set BITNET_CKPT to a trained b1.58 ckpt.pt')
+def test_int8_head_on_a_trained_checkpoint():
+    """The packed engine (bfloat16) with the lm_head in int8 against the same engine with it in
+    bfloat16: the greedy tokens, and the logits at every position of the bfloat16 engine's text
+    (max |difference| within each row's bound sum |x| * scale / 2, plus bfloat16 rounding)."""
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    from engine import Engine
+    from ops import lm_head_argmax, quantize_head
+    from packed import pack_model
+    from prepare_data import load_tokenizer
+    checkpoint = load_checkpoint(os.environ['BITNET_CKPT'])
+    encode, _ = load_tokenizer(checkpoint['tokenizer'])
+    model = model_from_checkpoint(checkpoint, dropout=0.0).cuda().eval()
+    pack_model(model)
+    n = model.config.block_size - 7
+    prompt = torch.tensor([encode('ROMEO:\n')], device='cuda')
+    bf16 = Engine(model, max_len=model.config.block_size, dtype=torch.bfloat16).generate(prompt, n)
+    int8 = Engine(model, max_len=model.config.block_size, dtype=torch.bfloat16, int8_head=True).generate(prompt, n)
+    same = (bf16[0] == int8[0]).tolist()
+    first_diff = same.index(False) - 7 if False in same else n
+    with torch.no_grad():
+        x = model.hidden(bf16[:, :-1])[0]                              # (T, C) bfloat16
+        ref, _ = lm_head_argmax(x, model.lm_head.weight)
+        q, scale = quantize_head(model.lm_head.weight)
+        got, tokens = lm_head_argmax(x, q, scale)
+    err = (got.float() - ref.float()).abs()
+    bound = x.float().abs().sum(1, keepdim=True) * scale / 2 + ref.float().abs() / 128   # + bf16 rounding of both
+    agree = (tokens[:, 0] == ref.argmax(-1)).float().mean().item()
+    print(f"\nint8 head: greedy tokens equal the bfloat16 head's for the first {first_diff} of {n}; over "
+          f"{x.size(0)} positions: argmax agreement {agree:.4f}, max |logit difference| {err.max().item():.4f} "
+          f"(logits span {ref.float().min().item():.2f} .. {ref.float().max().item():.2f})")
+    assert (err <= bound).all()

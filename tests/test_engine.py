@@ -1,0 +1,88 @@
+"""The engine's batched decoding (each sequence at its own position) and its int8 lm_head, run
+eagerly on the CPU (test_model.eager_capture stands in for CUDA graphs), against model.generate."""
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, rotary_tables
+from ops import decode_attention_reference, lm_head_argmax, quantize_head
+from test_model import eager_capture
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval()
+
+
+def batched_engine(monkeypatch, model, batch_size, **kw):
+    from engine import Engine
+    monkeypatch.setattr(Engine, '_capture', eager_capture)
+    return Engine(model, batch_size=batch_size, max_len=40, dtype=torch.float32, compile=False, **kw)
+
+
+def test_batched_prompts_of_different_lengths_equal_generate_per_sequence(monkeypatch, tiny):
+    engine = batched_engine(monkeypatch, tiny, 3)
+    lengths = [5, 2, 7]
+    prompt = torch.randint(50, (3, 7))   # right-padded with random tokens, which must not matter
+    for n in (12, 1, 9):                 # 12 and 9: the graph of 8 steps, then single steps
+        got = engine.generate(prompt, n, lengths=lengths)
+        assert got.shape == (3, 7 + n)
+        for b, L in enumerate(lengths):
+            with torch.no_grad():
+                expected = tiny.generate(prompt[b:b + 1, :L], n, temperature=0)[0]
+            assert torch.equal(got[b, :L + n], expected), (n, b)
+            assert got[b, L + n:].eq(0).all()
+    assert engine.cache.pos.tolist() == [L + 8 for L in lengths]   # the last token's position + 1
+    # the same prompts without lengths: all at position 7
+    with torch.no_grad():
+        assert torch.equal(engine.generate(prompt, 6), tiny.generate(prompt, 6, temperature=0))
+
+
+def test_batched_lengths_are_checked(monkeypatch, tiny):
+    engine = batched_engine(monkeypatch, tiny, 2)
+    for bad in ([0, 3], [3, 4], [3]):
+        with pytest.raises(ValueError, match='lengths must hold 2 prompt lengths from 1 to 3'):
+            engine.generate(torch.zeros(2, 3, dtype=torch.long), 4, lengths=bad)
+
+
+def test_decode_attention_reference_at_a_position_per_sequence():
+    """Positions (B,) give each sequence what a call with its own 0-d position gives it."""
+    g = torch.Generator().manual_seed(0)
+    nh, nkv, hd = 4, 2, 8
+    qkv = torch.randn(3, (nh + 2 * nkv) * hd, generator=g)
+    k, v = torch.randn(2, 3, nkv, 16, hd, generator=g)
+    cos, sin = rotary_tables(hd, 16, 10000.0)
+    pos = torch.tensor([3, 0, 11])
+    kb, vb = k.clone(), v.clone()
+    y = decode_attention_reference(qkv, kb, vb, pos, cos, sin, nh)
+    for b in range(3):
+        k1, v1 = k[b:b + 1].clone(), v[b:b + 1].clone()
+        y1 = decode_attention_reference(qkv[b:b + 1], k1, v1, pos[b], cos, sin, nh)
+        torch.testing.assert_close(y[b:b + 1], y1, rtol=1e-6, atol=1e-6)
+        assert torch.equal(kb[b], k1[0]) and torch.equal(vb[b], v1[0])   # written at pos[b] only
+    assert not torch.equal(kb[2, :, 11], k[2, :, 11]) and torch.equal(kb[2, :, 12:], k[2, :, 12:])
+
+
+def test_quantize_head_rows_and_the_scaled_op():
+    w = torch.tensor([[0.5, -1.0, 0.25, 0.0], [2.0, 1.0, -2.0, 0.01]])
+    q, scale = quantize_head(w)
+    assert q.dtype == torch.int8 and q.tolist() == [[64, -127, 32, 0], [127, 64, -127, 1]]
+    assert torch.allclose(scale, torch.tensor([1.0, 2.0]) / 127)
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [-1.0, 0.5, 0.0, 2.0]])
+    logits, token = lm_head_argmax(x, q, scale)
+    torch.testing.assert_close(logits, x @ (q.float() * scale[:, None]).T)
+    assert token.flatten().tolist() == logits.argmax(-1).tolist()
+    # the bound: |x . (w - q s)| <= sum |x| * s / 2
+    assert ((logits - x @ w.T).abs() <= x.abs().sum(1, keepdim=True) * scale / 2 + 1e-6).all()
+
+
+def test_engine_with_an_int8_head_equals_generate_with_the_rounded_head(monkeypatch, tiny):
+    prompt = torch.randint(50, (2, 5))
+    engine = batched_engine(monkeypatch, tiny, 2, int8_head=True)
+    got = engine.generate(prompt, 10)
+    q, scale = engine.head
+    assert q.dtype == torch.int8
+    with torch.no_grad():
+        tiny.lm_head.weight.copy_(q.float() * scale[:, None])
+        assert torch.equal(got, tiny.generate(prompt, 10, temperature=0))
