@@ -72,8 +72,8 @@ def test_gpt_quant_lambda_zero_is_the_float_model_and_compiles_once():
     ternary, float_model = GPT(GPTConfig(**cfg)).eval(), GPT(GPTConfig(**cfg, quant='none')).eval()
     float_model.load_state_dict(ternary.state_dict())
     idx = torch.randint(20, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = ternary(idx, idx)[0].detach()   # with grad: TernaryMatmul, not the CPU eval cache's integer line
     with torch.no_grad(), torch._dynamo.config.patch(disable=False):   # this module runs transformers eagerly
-        plain = ternary(idx, idx)[0]
         ternary.set_quant_lambda(0.0)
         assert torch.equal(ternary(idx, idx)[0], float_model(idx, idx)[0])
         torch._dynamo.reset()
