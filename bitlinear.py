@@ -514,7 +514,8 @@ def verify_bitlinear(model, idx, rtol=1e-5):
     Layer by layer: training's dequantized product differs from the integer product by float
     rounding, and a later layer may then round an activation that sits on a rounding boundary the
     other way; logits of two whole passes would measure such flips, not the layers.
-    The model is called as model(idx); call it in float32.
+    The model is called as model(idx) with gradients on, so every layer computes its training form
+    (not the CPU eval cache, which is the integer line itself); call it in float32.
     Returns dict(rows, n_layers, n_weights, zero_fraction, packed_bits, max_diff (the largest
     |output - integer output| / max(1, max|integer output|) over the layers), tol, ok)."""
     rows = bitlinear_report(model)
@@ -523,7 +524,7 @@ def verify_bitlinear(model, idx, rtol=1e-5):
     def compare(module, args, out):
         ref = integer_forward(module, args[0])
         diffs.append(((out - ref).abs().max() / ref.abs().max().clamp(min=1.0)).item())
-    with bitlinear_hooks(model, compare):
+    with bitlinear_hooks(model, compare), torch.enable_grad():
         model(idx)
     max_diff = torch.tensor(diffs or [0.0]).max().item()   # NaN if any layer gave NaN
     n_weights = sum(r['numel'] for r in rows)

@@ -435,3 +435,13 @@ def test_rmsnorm():
     norm.weight.data = torch.tensor([1.0, 2.0, 1.0, 1.0])
     y = norm(torch.tensor([[1.0, 1.0, -1.0, -1.0], [2.0, 0.0, 0.0, 0.0]]))
     assert torch.allclose(y, torch.tensor([[1.0, 2.0, -1.0, -1.0], [2.0, 0.0, 0.0, 0.0]]))
+
+
+def test_verify_compares_the_training_form_under_no_grad():
+    """sample.py verifies in eval mode without grad, where a CPU BitLinear would take the eval
+    cache (the integer line itself): verify still runs the training form, so rounding shows."""
+    torch.manual_seed(0)
+    model = tiny_model('b1.58').eval()
+    with torch.no_grad():
+        report = verify_bitlinear(model, torch.randint(20, (2, 16), generator=torch.Generator().manual_seed(0)))
+    assert report['ok'] and 0 < report['max_diff'] < 1e-6
