@@ -97,6 +97,11 @@ class Engine:
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.lengths = torch.ones(batch_size, dtype=torch.long, device=self.device)   # the prompts' lengths
         self.out = torch.zeros(batch_size, self.max_len, dtype=torch.long, device=self.device)  # greedy tokens by position
+        if compile:
+            # every Engine compiles the one code object Engine._step, with guards on its own shapes and
+            # dtypes: each new model shape, batch size or head in a process is one more recompilation of
+            # it (bench.py builds one engine per variant), past torch's default limit of 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
         self.graph = None
         self.logits = None

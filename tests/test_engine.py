@@ -86,3 +86,14 @@ def test_engine_with_an_int8_head_equals_generate_with_the_rounded_head(monkeypa
     with torch.no_grad():
         tiny.lm_head.weight.copy_(q.float() * scale[:, None])
         assert torch.equal(got, tiny.generate(prompt, 10, temperature=0))
+
+
+def test_a_compiled_engine_allows_one_recompilation_per_engine(monkeypatch, tiny):
+    """Every Engine compiles the same Engine._step; a process building engines of more than 8
+    shapes (bench.py: packed and float, batch sizes, heads) must not hit dynamo's default limit,
+    which fails hard under fullgraph=True (seen on the H200 in tests/test_cuda.py)."""
+    from engine import Engine
+    monkeypatch.setattr(torch._dynamo.config, 'recompile_limit', 8)
+    monkeypatch.setattr(Engine, '_capture', eager_capture)
+    Engine(tiny, batch_size=2, max_len=40, dtype=torch.float32, compile=True)
+    assert torch._dynamo.config.recompile_limit >= 256
