@@ -665,4 +665,5 @@ if master_process:
     if wandb_log:
         wandb.finish()
 if distributed:
+    dist.barrier()   # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
