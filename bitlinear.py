@@ -183,11 +183,14 @@ def weight_scale(w, eps=1e-5):
 
 
 def quantize_weight(w, eps=1e-5):
-    """W (out, in) float -> (W_t int8 in {-1, 0, 1}, s_w float32 scalar), W ~= W_t * s_w."""
+    """W (out, in) float -> (W_t int8 in {-1, 0, 1}, s_w float32 scalar), W ~= W_t * s_w.
+    256 rows at a time, so a float32 weight needs no float copy of the whole matrix."""
     w = w.detach().float()
     s_w = weight_scale(w, eps)
-    w_t = (w / s_w).round().clamp(-1, 1)
-    return w_t.to(torch.int8), s_w
+    w_t = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    for i in range(0, w.size(0), 256):
+        w_t[i:i + 256] = (w[i:i + 256] / s_w).round_().clamp_(-1, 1)
+    return w_t, s_w
 
 
 def activation_scale(x, act_bits=8, eps=1e-5):
@@ -276,15 +279,11 @@ class BitLinear(BitLinearBase):
         cache = self.eval_cache
         if cache is None or cache[0] != key:
             self.eval_cache = None   # the old codes go before the new ones are built
-            with torch.no_grad():
-                s_w = weight_scale(w, self.config.eps)
-                w_t = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-                for i in range(0, w.size(0), 256):   # 256 rows at a time: no float copy of the whole weight
-                    w_t[i:i + 256] = (w[i:i + 256] / s_w).round_().clamp_(-1, 1)
-                packed = pack_ternary(w_t)
-                del w_t
-                row_scale = torch.zeros(4 * packed.size(0), device=w.device)
-                row_scale[:w.size(0)] = s_w.float()
+            w_t, s_w = quantize_weight(w, self.config.eps)
+            packed = pack_ternary(w_t)
+            del w_t
+            row_scale = torch.zeros(4 * packed.size(0), device=w.device)
+            row_scale[:w.size(0)] = s_w
             self.eval_cache = cache = (key, packed, row_scale)
         return cache[1], cache[2]
 

@@ -357,9 +357,8 @@ def corpus_documents(files, text_field, hf_dataset, hf_config, split):
         try:
             ds = datasets.load_dataset(hf_dataset, hf_config or None, split=split, streaming=True)
         except Exception as e:
-            message = (str(e).strip().splitlines() or [''])[0][:200]
             raise DataError(f"could not open the dataset {hf_dataset} (config {hf_config or 'default'}, split {split}) "
-                            f"on the Hugging Face Hub ({type(e).__name__}: {message}): check the names and your "
+                            f"on the Hugging Face Hub ({type(e).__name__}: {first_line(e)}): check the names and your "
                             f"internet connection") from None
         try:
             total = ds.info.splits[split].num_examples
@@ -404,10 +403,14 @@ def corpus_documents(files, text_field, hf_dataset, hf_config, split):
     return rows(), total
 
 
+def first_line(e):
+    """The first line of an exception's message, at most 200 characters (the datasets library's run long)."""
+    return (str(e).strip().splitlines() or [''])[0][:200]
+
+
 def read_error(where, e):
     """DataError for an exception of the datasets library (or pyarrow beneath it) while reading where."""
-    message = (str(e).strip().splitlines() or [''])[0][:200]
-    return DataError(f"cannot read {where} ({type(e).__name__}: {message}): "
+    return DataError(f"cannot read {where} ({type(e).__name__}: {first_line(e)}): "
                      f"{'convert it to UTF-8' if isinstance(e, UnicodeDecodeError) else 'check it'}")
 
 
