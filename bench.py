@@ -48,10 +48,11 @@ fresh process that loads the packed file (memory-mapped), as sample.py does:
     python bench.py --mode=decode --device=cpu --threads=2 --n_layer=12 --n_head=12 --n_embd=768 \
         --vocab_size=50257 --tie_embeddings=True --prompt_len=64 --new_tokens=128 --packed_file=/tmp/p.pt
 
-Prefill (CUDA): the packed layer's path for many rows (M = 512) against unpacking the weights to
-bfloat16 and a bfloat16 matmul, for one layer's projections at the given shape, in CUDA graphs:
+One layer's projections (CUDA), each alone in CUDA graphs, for rows of x (tokens x sequences):
+the packed op (the dp4a GEMV up to 16 rows, the int8 tensor cores beyond), unpacking the same
+bytes to bfloat16 and a bfloat16 matmul, and the float model's bfloat16 matmul:
 
-    python bench.py --mode=prefill --n_head=20 --n_kv_head=5 --n_embd=2560 --intermediate_size=6912
+    python bench.py --mode=layer --rows=1,2,4,8,16,512 --n_head=20 --n_kv_head=5 --n_embd=2560 --intermediate_size=6912
 """
 
 import math
@@ -66,7 +67,7 @@ from configurator import (check, check_choice, check_device, check_device_presen
 
 # -----------------------------------------------------------------------------
 mode = 'train'             # 'train': training step time; 'decode': greedy generation speed;
-                           # 'prefill': the packed layer for many rows against unpack-then-matmul (CUDA)
+                           # 'layer': one layer's projections, packed against bfloat16, alone (CUDA)
 quants = 'none,b1.58,b1'   # train: variants to compare, the first one is the reference
 wrappers = 'none'          # train: 'none', 'ddp', 'fsdp', comma-separated: the model as it is, in DDP, or sharded by
                            # FSDP2 as train.py does (these two under torchrun)
@@ -95,7 +96,7 @@ int8_head = 'False'        # decode on CUDA: the packed model's lm_head in dtype
                            # ('True', Engine(int8_head=True)), or both ('False,True')
 new_tokens = 256
 repeats = 3                # decode: timed generations per variant (median)
-prefill_rows = 512         # prefill: rows of the input (prompt tokens x batch)
+rows = '1,16,512'          # layer: rows of the input (tokens x sequences), comma-separated
 packed_file = ''           # decode: also write the packed model here and report its size (CPU: and time a
                            # fresh process that loads it, for the resident memory of the file alone)
 variants = 'training,packed,float'  # decode on the CPU: the models to time, on the same random weights
@@ -110,20 +111,22 @@ configure(globals(), sys.argv[1:])
 quant_list = quants.split(',')
 check(all(q in ('b1.58', 'b1', 'none') for q in quant_list),   # model.QUANT_MODES
       f"quants must be a comma-separated list of b1.58, b1, none, got '{quants}'")
-check_choice(globals(), 'mode', ('train', 'decode', 'prefill'))
+check_choice(globals(), 'mode', ('train', 'decode', 'layer'))
 check_choice(globals(), 'dtype', ('auto', 'float32', 'bfloat16', 'float16'))
 check_choice(globals(), 'cpu_head', ('float16', 'float32'))
 check(all(v in ('training', 'packed', 'float') for v in variants.split(',')),
       f"variants must be a comma-separated list of training, packed, float, got '{variants}'")
 check_device(device)
 check_ints(globals(), 'n_layer n_head n_embd vocab_size block_size batch_size rounds steps_per_round prompt_len '
-                      'new_tokens repeats prefill_rows', 1)
+                      'new_tokens repeats', 1)
 check_ints(globals(), 'n_kv_head intermediate_size', 1, allow_none=True)
 check_ints(globals(), 'warmup seed threads', 0)
 check_floats(globals(), 'rope_theta', 0, low_open=True)
 check_optional_bools(globals(), 'compile cuda_graphs')
 check_heads(n_embd, n_head, n_kv_head)
 check(not packed_file or mode == 'decode', "packed_file is written by --mode=decode only: add it, or drop --packed_file")
+row_list = [int(r) for r in rows.split(',') if r.isdigit() and int(r) > 0]
+check(len(row_list) == len(rows.split(',')), f"rows must be a comma-separated list of positive integers, got '{rows}'")
 batch_size_list = [int(b) for b in batch_sizes.split(',') if b.isdigit() and 0 < int(b) <= 4096]
 check(len(batch_size_list) == len(batch_sizes.split(',')),
       f"batch_sizes must be a comma-separated list of positive integers, got '{batch_sizes}'")
@@ -156,9 +159,9 @@ if threads:
     torch.set_num_threads(threads)
 if device_type != 'cuda' and (batch_size_list != [1] or int8_head_list != [False]):
     fail("batch_sizes and int8_head time the CUDA engine: drop them on the CPU, or run on a CUDA GPU")
-if mode == 'prefill' and device_type != 'cuda':
-    fail("mode=prefill times the CUDA kernels of the packed layer and needs a CUDA GPU "
-         "(on the CPU the packed layer is unpack-then-matmul itself)")
+if mode == 'layer' and device_type != 'cuda':
+    fail("mode=layer times the CUDA kernels of the packed layer and needs a CUDA GPU "
+         "(--mode=decode --device=cpu times the CPU kernel in a model)")
 if dtype == 'auto':
     dtype = 'bfloat16' if device_type == 'cuda' else 'float32'
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
@@ -655,14 +658,16 @@ def bench_decode_cpu():
                   f"{m['tok_s']:.1f} tokens/s")
 
 
-def bench_prefill():
-    """The packed layer for M = prefill_rows rows (weights unpacked once per call by one kernel,
-    int8 tensor cores) against the same layer computed the plain way: unpack to bfloat16, then a
-    bfloat16 matmul. Both in CUDA graphs (triton.testing.do_bench_cudagraph), as the engine runs
-    its prefill, so the host's launch time is not in either number. Each timed call goes over
-    enough copies of the weights to fill twice the L2 cache, so the weights come from memory, as
-    they do in a model."""
+def bench_layer():
+    """One layer's projections, each alone, for every M in --rows (rows of x: tokens x sequences),
+    in CUDA graphs (triton.testing.do_bench_cudagraph, as the engine runs them), median us per
+    call: the packed op (up to 16 rows the dp4a GEMV, beyond that the weights unpacked to int8 by
+    one kernel and the int8 tensor cores), the plain way to compute the same layer from the packed
+    bytes (unpack to bfloat16, then a bfloat16 matmul), and the float model's matmul (bfloat16
+    weights as stored, cuBLAS). Each timed call goes over enough copies of the weights to fill
+    twice the L2 cache, so the weights come from memory, as they do in a model."""
     import math
+    import torch.nn.functional as F
     import triton.testing
     from bitlinear import pack_ternary
     from ternary_kernels import bf16_matmul
@@ -672,32 +677,34 @@ def bench_prefill():
     shapes = (('q,k,v', n_embd + 2 * config.n_kv_head * head_dim, n_embd), ('o', n_embd, n_embd),
               ('gate+up', 2 * config.intermediate_size, n_embd), ('down', n_embd, config.intermediate_size))
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    print(f"prefill, {prefill_rows} rows, one layer's projections, CUDA graphs, median ms per call "
-          f"(the weights cycled through {2 * l2 / 2**20:.0f} MiB, twice the L2 cache):")
-    print(f"{'projection':>10} {'shape':>12} {'packed op':>10} {'unpack+bf16':>12} {'speedup':>8}")
-    total_op = total_ref = 0.0
-    for name, out_f, in_f in shapes:
-        packed = pack_ternary(torch.randint(-1, 2, (out_f, in_f), dtype=torch.int8, device=device))
-        copies = [packed] + [packed.clone() for _ in range(min(4096, math.ceil(2 * l2 / packed.nbytes)) - 1)]
-        scale = torch.full((packed.size(0) * 4,), 0.02, device=device)
-        x = torch.randn(prefill_rows, in_f, device=device, dtype=torch.bfloat16)
-        args = lambda p: (x, x.new_empty(0), p, scale, x.new_empty(0), out_f, 0, 1e-5)
-        torch.testing.assert_close(packed_linear(*args(packed)),
-                                   packed_linear_reference(*args(packed), matmul=bf16_matmul), rtol=1e-2, atol=1e-2)
-
-        def op():
-            for p in copies:
-                packed_linear(*args(p))
-
-        def ref():
-            for p in copies:
-                packed_linear_reference(*args(p), matmul=bf16_matmul)
-        t_op = triton.testing.do_bench_cudagraph(op, rep=100, return_mode='median') / len(copies)
-        t_ref = triton.testing.do_bench_cudagraph(ref, rep=100, return_mode='median') / len(copies)
-        total_op, total_ref = total_op + t_op, total_ref + t_ref
-        print(f"{name:>10} {f'{out_f}x{in_f}':>12} {t_op:10.4f} {t_ref:12.4f} {t_ref / t_op:7.2f}x")
-        del copies
-    print(f"{'layer':>10} {'':>12} {total_op:10.4f} {total_ref:12.4f} {total_ref / total_op:7.2f}x")
+    graph = lambda fn: triton.testing.do_bench_cudagraph(fn, rep=100, return_mode='median') * 1000
+    print(f"one layer's projections, CUDA graphs, median us per call (the weights cycled through "
+          f"{2 * l2 / 2**20:.0f} MiB, twice the L2 cache); packed: this repo's op; unpack+bf16: the same "
+          f"packed bytes unpacked to bfloat16, then a bfloat16 matmul; bf16: the float model's matmul")
+    print(f"{'rows':>5} {'projection':>10} {'shape':>12} {'packed':>9} {'unpack+bf16':>12} {'bf16':>9} "
+          f"{'packed GB/s':>12} {'bf16 GB/s':>10} {'vs bf16':>8}")
+    for M in row_list:
+        totals = [0.0, 0.0, 0.0]
+        for name, out_f, in_f in shapes:
+            w_t = torch.randint(-1, 2, (out_f, in_f), dtype=torch.int8, device=device)
+            packed = pack_ternary(w_t)
+            copies = [packed] + [packed.clone() for _ in range(min(4096, math.ceil(2 * l2 / packed.nbytes)) - 1)]
+            floats = [w_t.to(torch.bfloat16) for _ in range(math.ceil(2 * l2 / (2 * w_t.numel())))]
+            scale = torch.full((packed.size(0) * 4,), 0.02, device=device)
+            x = torch.randn(M, in_f, device=device, dtype=torch.bfloat16)
+            args = lambda p: (x, x.new_empty(0), p, scale, x.new_empty(0), out_f, 0, 1e-5)
+            torch.testing.assert_close(packed_linear(*args(packed)),
+                                       packed_linear_reference(*args(packed), matmul=bf16_matmul), rtol=1e-2, atol=1e-2)
+            times = [graph(lambda: [packed_linear(*args(p)) for p in copies]) / len(copies),
+                     graph(lambda: [packed_linear_reference(*args(p), matmul=bf16_matmul) for p in copies]) / len(copies),
+                     graph(lambda: [F.linear(x, w) for w in floats]) / len(floats)]
+            totals = [a + b for a, b in zip(totals, times)]
+            print(f"{M:5d} {name:>10} {f'{out_f}x{in_f}':>12} {times[0]:9.2f} {times[1]:12.2f} {times[2]:9.2f} "
+                  f"{packed.nbytes / times[0] / 1e3:12.0f} {2 * w_t.numel() / times[2] / 1e3:10.0f} "
+                  f"{times[2] / times[0]:7.2f}x", flush=True)
+            del copies, floats
+        print(f"{M:5d} {'layer':>10} {'':>12} {totals[0]:9.2f} {totals[1]:12.2f} {totals[2]:9.2f} {'':>12} {'':>10} "
+              f"{totals[2] / totals[0]:7.2f}x", flush=True)
 
 
 if mode == 'train':
@@ -707,6 +714,6 @@ elif mode == 'decode' and not cuda:
 elif mode == 'decode':
     bench_decode()
 else:
-    bench_prefill()
+    bench_layer()
 if distributed:
     dist.destroy_process_group()

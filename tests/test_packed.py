@@ -221,8 +221,10 @@ def test_bench_decode_on_cpu(tmp_path):
 def test_bench_refusals():
     r = run('bench.py', '--quants=none,b2')
     assert r.returncode == 2 and 'quants must be' in r.stderr
-    r = run('bench.py', '--mode=prefill', '--device=cpu')
-    assert r.returncode == 2 and r.stderr.startswith('error: mode=prefill times the CUDA kernels') and not r.stdout
+    r = run('bench.py', '--mode=layer', '--device=cpu')
+    assert r.returncode == 2 and r.stderr.startswith('error: mode=layer times the CUDA kernels') and not r.stdout
+    r = run('bench.py', '--mode=layer', '--rows=1,x')
+    assert r.returncode == 2 and r.stderr == "error: rows must be a comma-separated list of positive integers, got '1,x'\n"
     r = run('bench.py', '--device=cpu', '--cuda_graphs=True')
     assert r.returncode == 2
     assert r.stderr == "error: cuda_graphs=True needs compile=True on a CUDA GPU: drop --cuda_graphs=True\n"
