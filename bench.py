@@ -342,7 +342,8 @@ def random_model(quant, packed):
             module_name, _, attr = name.rpartition('.')
             value = torch.ones(p.shape, device=device) if name.endswith('norm.weight') else \
                 torch.randn(p.shape, device=device) * 0.02
-            setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(value))
+            # in dtype, as the engine holds them (so tensor_bytes counts what a step reads)
+            setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(value.to(ptdtype)))
     if tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rope_cos, model.rope_sin = [t.to(device) for t in rotary_tables(
@@ -351,14 +352,13 @@ def random_model(quant, packed):
 
 
 def tensor_bytes(model):
-    """Bytes of the model's weights (unique tensors; rotary tables excluded)."""
-    seen, total = set(), 0
+    """Bytes of the model's weights: each storage once (a tied embedding, the views of fused
+    matrices), the rotary tables left out."""
+    storages = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if 'rope_' in name or t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
+        if 'rope_' not in name:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def bench_decode():
