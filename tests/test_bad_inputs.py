@@ -136,7 +136,7 @@ CASES = [
     ('bench.py', '--batch_size=0', "batch_size must be an integer >= 1, got 0"),
     ('bench.py', '--warmup=-1', "warmup must be an integer >= 0"),
     ('bench.py', '--quants=none,b3', "quants must be a comma-separated list"),
-    ('bench.py', '--mode=fast', "mode must be one of train, decode, prefill"),
+    ('bench.py', '--mode=fast', "mode must be one of train, decode, layer"),
     ('bench.py', '--mode=decode', '--batch_sizes=1,0', "batch_sizes must be a comma-separated list of positive integers"),
     ('bench.py', '--mode=decode', '--int8_head=yes', "int8_head must be False, True or False,True, got 'yes'"),
     ('bench.py', '--mode=decode', '--device=cpu', '--batch_sizes=4', "batch_sizes and int8_head time the CUDA engine"),
