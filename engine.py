@@ -18,19 +18,16 @@ writes its token where the next step reads it and into an output buffer, and one
 STEPS such steps, so the host only replays it. The prompt is
 prefilled by the ordinary forward pass, captured in a CUDA graph of its own per prompt length
 (the last few lengths are kept), so a repeated prompt length costs one replay. The float
-model and the packed model run through the same engine, so their speeds compare fairly; a float
-model's blocks read q, k, v as one matrix and gate, up as one (FusedFloatBlock), as the packed
-model's do.
+model and the packed model run through the same engine, so their speeds compare fairly.
 A batch decodes together, each sequence at its own position (prompts of different lengths);
 int8_head=True reads the lm_head as int8 with a scale per row (ops.quantize_head).
 """
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ops import quantize_head   # importing ops defines torch.ops.bitnet.decode_attention and lm_head_argmax
-from model import Block, KVCache, sample
+from model import KVCache, sample
 
 if torch.cuda.is_available():
     import ternary_kernels  # noqa: F401  (registers the CUDA kernels of the decode ops)
@@ -75,72 +72,12 @@ class StaticKVCache(KVCache):
         self.pos.add_(T)
 
 
-class FusedFloatBlock(nn.Module):
-    """A model.Block with float (nn.Linear) projections, for decoding: q, k, v are read as one
-    (q + k + v, C) matrix and gate, up as one (2 I, C), so a step makes two matrix-vector products
-    where the block makes five, each over more rows (a GEMV of a few MB costs mostly its fixed
-    time). The fused matrices are the only copy: each Linear's weight (and bias) becomes a view
-    into them, and the block's modules keep their names, so the state dict is the block's."""
-
-    def __init__(self, block):
-        super().__init__()
-        self.input_layernorm = block.input_layernorm
-        self.post_attention_layernorm = block.post_attention_layernorm
-        self.self_attn, self.mlp = block.self_attn, block.mlp
-        attn, mlp = block.self_attn, block.mlp
-        self.qkv_sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
-        for name, linears in (('qkv', [attn.q_proj, attn.k_proj, attn.v_proj]), ('gate_up', [mlp.gate_proj, mlp.up_proj])):
-            weight, bias = fuse_linears(linears)
-            self.register_buffer(f'{name}_weight', weight, persistent=False)   # not in the state dict: the
-            self.register_buffer(f'{name}_bias', bias, persistent=False)       # Linears' weights are views of it
-
-    def forward(self, x, cos, sin, kv_cache=None):
-        attn, mlp = self.self_attn, self.mlp
-        qkv = F.linear(self.input_layernorm(x), self.qkv_weight, self.qkv_bias)
-        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
-        y = attn.attend(q, k, v, cos, sin, kv_cache, qkv)
-        x = x + attn.o_proj(y if attn.attn_sub_norm is None else attn.attn_sub_norm(y))
-        gate, up = F.linear(self.post_attention_layernorm(x), self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
-        h = mlp.act(gate) * up
-        return x + mlp.down_proj(h if mlp.ffn_sub_norm is None else mlp.ffn_sub_norm(h))
-
-
-def fuse_linears(linears):
-    """nn.Linear layers reading one input -> (weight, bias) of the one layer they make together,
-    stacked along the output; each layer's weight and bias become views into them (no copy kept)."""
-    fused = []
-    for name in ('weight', 'bias'):
-        if getattr(linears[0], name) is None:
-            fused.append(None)
-            continue
-        whole = torch.cat([getattr(m, name).detach() for m in linears])
-        start = 0
-        for m in linears:
-            n = m.out_features
-            getattr(m, name).data = whole[start:start + n]
-            start += n
-        fused.append(whole)
-    return fused
-
-
-def fuse_float_blocks(model):
-    """Replace, in place, every block of model whose projections are all nn.Linear (a float model,
-    quant='none') by a FusedFloatBlock; b1.58/b1 and packed blocks are left as they are."""
-    for i, block in enumerate(model.model.layers):
-        if isinstance(block, Block) and all(type(getattr(block.self_attn, n)) is nn.Linear
-                                            for n in ('q_proj', 'k_proj', 'v_proj')) \
-                and all(type(getattr(block.mlp, n)) is nn.Linear for n in ('gate_proj', 'up_proj')):
-            model.model.layers[i] = FusedFloatBlock(block)
-
-
 class Engine:
 
     STEPS = 8   # greedy tokens per replay of the multi-step graph
 
     def __init__(self, model, batch_size=1, max_len=None, dtype=torch.bfloat16, compile=True, int8_head=False):
-        """model: a GPT on a CUDA device, changed in place: its parameters are cast to dtype, and a
-        float model's blocks become FusedFloatBlocks (same state dict, same outputs up to the
-        order of float sums). dtype: the activations, the KV cache and the model's
+        """model: a GPT on a CUDA device. dtype: the activations, the KV cache and the model's
         parameters (embedding, norms, lm_head; a float model's projections too). Packed
         buffers (uint8 weights, float32 scales) and the rotary tables are left as they are.
         int8_head: the lm_head read as int8 with a float32 scale per row (ops.quantize_head),
@@ -150,7 +87,6 @@ class Engine:
         with torch.no_grad():
             for p in model.parameters():
                 p.data = p.data.to(dtype)
-            fuse_float_blocks(model)
         config = model.config
         self.max_len = max_len or config.block_size
         if self.max_len > config.block_size:

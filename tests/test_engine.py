@@ -97,34 +97,3 @@ def test_a_compiled_engine_allows_one_recompilation_per_engine(monkeypatch, tiny
     monkeypatch.setattr(Engine, '_capture', eager_capture)
     Engine(tiny, batch_size=2, max_len=40, dtype=torch.float32, compile=True)
     assert torch._dynamo.config.recompile_limit >= 256
-
-
-def test_a_float_models_blocks_are_fused_in_place(monkeypatch):
-    """A float model's q, k, v (and gate, up) become views of one matrix each: the state dict is
-    unchanged, the logits are the unfused block's, and the engine's greedy tokens equal generate."""
-    from engine import FusedFloatBlock
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, quant='none',
-                          bias=True)).eval()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    idx = torch.randint(50, (2, 9))
-    with torch.no_grad():
-        logits = model(idx, targets=idx)[0]
-        expected = model.generate(idx, 10, temperature=0)
-    engine = batched_engine(monkeypatch, model, 2)
-    block = model.model.layers[1]
-    assert isinstance(block, FusedFloatBlock)
-    attn = block.self_attn
-    assert attn.k_proj.weight.data_ptr() == block.qkv_weight.data_ptr() + 32 * 32 * 4   # after q's 32 rows
-    assert block.mlp.up_proj.bias.data_ptr() == block.gate_up_bias.data_ptr() + block.mlp.gate_proj.out_features * 4
-    assert model.state_dict().keys() == state.keys()
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-    with torch.no_grad():
-        torch.testing.assert_close(model(idx, targets=idx)[0], logits, rtol=1e-5, atol=1e-5)
-    assert torch.equal(engine.generate(idx, 10), expected)
-
-
-def test_training_form_blocks_are_not_fused(monkeypatch, tiny):
-    from model import Block
-    batched_engine(monkeypatch, tiny, 1)
-    assert all(type(b) is Block for b in tiny.model.layers)
