@@ -33,8 +33,9 @@ packed ternary model and the float model of the same shape with random weights:
 
 On CUDA both run in engine.py (static KV cache, one CUDA graph per token) in bfloat16.
 Reported: tokens per second and ms per step (the prompt's prefill included), weight bytes, peak
-memory, and the fraction of the memory bandwidth limit reached (weight bytes x tokens/s over the
-measured copy bandwidth).
+memory, and the fraction of the memory bandwidth limit reached: the weight bytes a step reads
+(Engine.weight_bytes: the lm_head as the engine reads it, the embedding only a row) x steps/s over
+the copy bandwidth measured in the same run.
 
 On the CPU three models of the same shape and the same random weights run model.generate in
 float32: the training form (b1.58 BitLinear layers, eval mode: its first forward packs every weight
@@ -352,8 +353,8 @@ def random_model(quant, packed):
 
 
 def tensor_bytes(model):
-    """Bytes of the model's weights: each storage once (a tied embedding, the views of fused
-    matrices), the rotary tables left out."""
+    """Bytes of the model's weights, each storage once (a tied embedding and lm_head count once),
+    the rotary tables left out."""
     storages = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if 'rope_' not in name:
@@ -367,7 +368,6 @@ def bench_decode():
     import statistics
     from engine import Engine
     from checkpoint import save_packed
-    from ops import quantize_head
     results = []
     modes = ([False, True] if compile_arg is None else [compile_arg]) if cuda else [False]
     for variant in ('packed', 'float'):
@@ -378,8 +378,6 @@ def bench_decode():
         model = random_model('b1.58' if variant == 'packed' else 'none', variant == 'packed')
         n_bitlinear = sum(m.packed.numel() for m in model.modules() if hasattr(m, 'row_scale'))
         weight_bytes = tensor_bytes(model)
-        head = model.lm_head.weight
-        head_bytes = head.numel() * ptdtype.itemsize   # the lm_head as the engine reads it, in dtype
         for mode, int8, B in [(m, h, b) for m in modes for h in (int8_head_list if variant == 'packed' and cuda
                                                                   else [False]) for b in batch_size_list]:
             prompt = torch.randint(vocab_size, (B, prompt_len), device=device)
@@ -387,11 +385,10 @@ def bench_decode():
                 runner = Engine(model, batch_size=B, max_len=prompt_len + new_tokens, dtype=ptdtype, compile=mode,
                                 int8_head=int8)
                 generate = lambda: runner.generate(prompt, new_tokens)
+                step_bytes = runner.weight_bytes()   # what a step reads at least
             else:
+                step_bytes = None
                 generate = lambda: model.generate(prompt, new_tokens, temperature=0)
-            # bytes one decoding step reads at least: every weight once, the lm_head as the engine holds it
-            step_bytes = weight_bytes - head_bytes * (not tie_embeddings) + \
-                (head.numel() + 4 * head.size(0) if int8 else head_bytes)
             with torch.no_grad():
                 first = generate()   # warm-up: compilation, autotuning, graph capture
             times = []
@@ -425,7 +422,7 @@ def bench_decode():
         if variant == 'packed' and packed_file:
             save_packed(model, packed_file, dtype=torch.bfloat16)
             results[-1]['file_bytes'] = os.path.getsize(packed_file)
-        del model, generate, head
+        del model, generate
     bandwidth = None
     if cuda:  # device-to-device copy, bytes read + written
         a = torch.empty(2**30, dtype=torch.uint8, device=device)

@@ -108,6 +108,19 @@ class Engine:
         self.greedy_graphs = None   # (graph of one greedy step, graph of STEPS greedy steps)
         self.prefills = {}  # prompt length -> (prompt buffer, CUDA graph, (logits, greedy token))
 
+    def weight_bytes(self):
+        """Bytes of weights one decoding step reads at least: every other weight of the model once
+        (packed codes and row scales, or float matrices; norms), the lm_head as this engine reads
+        it (bfloat16, or int8 codes and row scales); of the embedding only a row per sequence, so
+        it is left out (tied, it counts once, as the lm_head), as are the rotary tables."""
+        model = self.model
+        left_out = {t.untyped_storage().data_ptr() for t in (model.model.embed_tokens.weight, model.lm_head.weight)}
+        storages = {}
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if 'rope_' not in name and t.untyped_storage().data_ptr() not in left_out:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(storages.values()) + sum(t.nbytes for t in self.head if t is not None)
+
     def _head(self, x):
         """x (B, C), final hidden states -> logits (B, vocab) and greedy token (B, 1), from one op
         (ternary_kernels.lm_head_kernel on CUDA)."""

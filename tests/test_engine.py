@@ -97,3 +97,22 @@ def test_a_compiled_engine_allows_one_recompilation_per_engine(monkeypatch, tiny
     monkeypatch.setattr(Engine, '_capture', eager_capture)
     Engine(tiny, batch_size=2, max_len=40, dtype=torch.float32, compile=True)
     assert torch._dynamo.config.recompile_limit >= 256
+
+
+def test_weight_bytes_count_what_a_step_reads(tiny):
+    """Engine.weight_bytes, by hand for the tiny shape (2 layers of 32 wide, kv 16, MLP 128, vocab 50):
+    per layer 15,360 projection weights and 224 norm weights, a final norm of 32, the lm_head
+    50 x 32; the embedding left out (a step reads one row of it), a tied one counted once."""
+    from engine import Engine
+    from packed import pack_model
+    weights = 2 * (15360 + 224) + 32
+    tied = GPT(tiny.config).eval()
+    tied.load_state_dict(tiny.state_dict())
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    packed = pack_model(GPT(tiny.config).eval())
+    engine = lambda model, **kw: Engine(model, max_len=8, dtype=torch.bfloat16, compile=False, **kw)
+    assert engine(tiny).weight_bytes() == 2 * (weights + 50 * 32)
+    assert engine(tied).weight_bytes() == 2 * (weights + 50 * 32)
+    assert engine(tiny, int8_head=True).weight_bytes() == 2 * weights + 50 * 32 + 4 * 50
+    # packed: 2-bit codes (4 per byte) and a float32 scale per row of qkv (64), o (32), gate_up (256), down (32)
+    assert engine(packed).weight_bytes() == 2 * (15360 // 4 + 4 * 384) + 2 * (2 * 224 + 32) + 2 * 50 * 32
