@@ -449,7 +449,7 @@ def bench_decode():
           f"{'peak mem':>12} {'of BW limit':>12} {'repeat':>7}")
     for r in results:
         floats = [f['tok_s'] for f in results if f['variant'] == 'float' and f['batch'] == r['batch']]
-        frac = f"{r['step_bytes'] * r['tok_s'] / r['batch'] / bandwidth * 100:.0f}%" if bandwidth else 'n/a'
+        frac = f"{r['step_bytes'] * r['tok_s'] / r['batch'] / bandwidth * 100:.1f}%" if bandwidth else 'n/a'
         mem = f"{r['peak'] / 2**20:,.1f} MiB" if r['peak'] is not None else 'n/a'
         weights = f"{r['weight_bytes'] / 2**20:,.1f} MiB"
         vs = f"{r['tok_s'] / max(floats):8.2f}x" if floats else f"{'n/a':>9}"
