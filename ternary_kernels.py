@@ -564,7 +564,6 @@ def lm_head_rows_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, best_ptr, at_ptr, count_
 
 
 LM_HEAD_BLOCK_V, LM_HEAD_BLOCK_C, LM_HEAD_WARPS = 64, 256, 4   # fixed (not autotuned): the float sums' order with them
-                                                                # (int8 weights with a scale: 2 x BLOCK_C, the bf16 bytes per step)
 LM_HEAD_ROWS = 16   # rows of x per program in lm_head_rows_kernel (batches of 2 or more; tl.dot needs 16)
 
 
@@ -589,6 +588,6 @@ def lm_head_argmax_cuda(x, weight, scale=None):
         return logits, token
     lm_head_kernel[(blocks, B)](x, weight, weight if scale is None else scale, logits, best, at,
                                 _lm_head_counts(x.device), token, V, C, blocks, HAS_SCALE=scale is not None,
-                                BLOCK_V=LM_HEAD_BLOCK_V, BLOCK_C=2 * LM_HEAD_BLOCK_C if scale is not None else LM_HEAD_BLOCK_C,
+                                BLOCK_V=LM_HEAD_BLOCK_V, BLOCK_C=LM_HEAD_BLOCK_C,
                                 BLOCK_B=min(4096, triton.next_power_of_2(blocks)), num_warps=LM_HEAD_WARPS)
     return logits, token
