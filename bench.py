@@ -713,4 +713,5 @@ elif mode == 'decode':
 else:
     bench_layer()
 if distributed:
+    dist.barrier()   # as in train.py: no rank tears its connections down while another still uses them
     dist.destroy_process_group()

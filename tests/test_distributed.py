@@ -246,6 +246,7 @@ def fsdp_worker(result_path):
     if dist.get_rank() == 0:
         with open(result_path, 'w') as f:
             json.dump(checks, f)
+    dist.barrier()   # as in train.py: no rank tears its connections down while another still uses them
     dist.destroy_process_group()
 
 
