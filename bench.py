@@ -343,7 +343,7 @@ def random_model(quant, packed):
             module_name, _, attr = name.rpartition('.')
             value = torch.ones(p.shape, device=device) if name.endswith('norm.weight') else \
                 torch.randn(p.shape, device=device) * 0.02
-            # in dtype, as the engine holds them (so tensor_bytes counts what a step reads)
+            # in dtype, as the engine holds them (so engine.tensor_bytes counts what a step reads)
             setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(value.to(ptdtype)))
     if tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -352,21 +352,11 @@ def random_model(quant, packed):
     return model.eval()
 
 
-def tensor_bytes(model):
-    """Bytes of the model's weights, each storage once (a tied embedding and lm_head count once),
-    the rotary tables left out."""
-    storages = {}
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if 'rope_' not in name:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(storages.values())
-
-
 def bench_decode():
     """Greedy decoding, packed ternary vs float, same engine (see the module docstring)."""
     import os
     import statistics
-    from engine import Engine
+    from engine import Engine, tensor_bytes
     from checkpoint import save_packed
     results = []
     modes = ([False, True] if compile_arg is None else [compile_arg]) if cuda else [False]

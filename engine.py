@@ -72,6 +72,17 @@ class StaticKVCache(KVCache):
         self.pos.add_(T)
 
 
+def tensor_bytes(model, left_out=()):
+    """Bytes of model's parameters and buffers, each storage once (a tied embedding and lm_head
+    count once), the rotary tables and the storages of the tensors in left_out left out."""
+    skip = {t.untyped_storage().data_ptr() for t in left_out}
+    storages = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if 'rope_' not in name and t.untyped_storage().data_ptr() not in skip:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
 class Engine:
 
     STEPS = 8   # greedy tokens per replay of the multi-step graph
@@ -114,12 +125,8 @@ class Engine:
         it (bfloat16, or int8 codes and row scales); of the embedding only a row per sequence, so
         it is left out (tied, it counts once, as the lm_head), as are the rotary tables."""
         model = self.model
-        left_out = {t.untyped_storage().data_ptr() for t in (model.model.embed_tokens.weight, model.lm_head.weight)}
-        storages = {}
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if 'rope_' not in name and t.untyped_storage().data_ptr() not in left_out:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return sum(storages.values()) + sum(t.nbytes for t in self.head if t is not None)
+        return tensor_bytes(model, left_out=(model.model.embed_tokens.weight, model.lm_head.weight)) + \
+            sum(t.nbytes for t in self.head if t is not None)
 
     def _head(self, x):
         """x (B, C), final hidden states -> logits (B, vocab) and greedy token (B, 1), from one op
