@@ -134,6 +134,17 @@ def _finish_tile(c, s_x, s, r, y_row, t, R, N, EPILOGUE: tl.constexpr, BLOCK_R: 
 
 
 @triton.jit
+def _wait_for_previous_kernel(PDL: tl.constexpr):
+    """Programmatic dependent launch (Hopper and newer, launch_pdl=True): a kernel may start while
+    the previous one in the stream still runs, and reads nothing that kernel writes before this wait,
+    which returns once it has finished and its writes are visible. Right after it, this kernel lets
+    the next one start in turn, to read its own weights while this one works."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _tile_words(w_ptr, t, R, K4, BLOCK_R: tl.constexpr, CH: tl.constexpr, J: tl.constexpr):
     """Tile t's words as J chunks of (BLOCK_R, CH): words j * CH ... of packed rows t * BLOCK_R ..."""
     rows = t * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -155,7 +166,7 @@ def packed_gemv_row_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
                            K, R, N, eps, DECODE,
                            HAS_NORM: tl.constexpr, X_LOWP: tl.constexpr, NORM_LOWP: tl.constexpr,
                            EPILOGUE: tl.constexpr, CH: tl.constexpr, J: tl.constexpr, ASM: tl.constexpr,
-                           BLOCK_R: tl.constexpr, WAVES: tl.constexpr):
+                           PDL: tl.constexpr, BLOCK_R: tl.constexpr, WAVES: tl.constexpr):
     """packed_gemv_kernel for rows held in registers (K <= 4 * ROW_WORDS), persistent: a
     few programs per SM (WAVES) each quantize the row once and then walk over tiles of BLOCK_R
     packed rows, tile t, t + programs, ... The next tile's words, scales and residuals are always
@@ -170,7 +181,9 @@ def packed_gemv_row_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
     K4 = K // 4
     y_row = y_ptr + m * N
     res_row = res_ptr + m * N
+    # the first tile's weights before waiting for the previous kernel: no kernel writes them
     p_next = _tile_words(w_ptr, pid, R, K4, BLOCK_R, CH, J)
+    _wait_for_previous_kernel(PDL)
     s_next, r_next = _tile_scales(scale_ptr, res_row, pid, R, N, EPILOGUE, BLOCK_R)
     # the activations, read once: RMSNorm, absmax, int8, four to a word, chunk by chunk
     x_row = x_ptr + m * K
@@ -326,6 +339,20 @@ def _sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.cache
+def _hopper(device):
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+PDL = True   # on Hopper and newer, the decoding kernels launch with programmatic dependent launch (read at
+             # each launch: a CUDA graph keeps what it was captured with; bench.py --pdl=False,True times both)
+
+
+def _launch_pdl(device):
+    """Whether the decoding kernels launch with programmatic dependent launch (_wait_for_previous_kernel)."""
+    return PDL and _hopper(device)
+
+
 ROW_WORDS = 2048   # rows of up to 4 * ROW_WORDS inputs go through packed_gemv_row_kernel ...
 CHUNK_WORDS = 128  # ... in chunks of this many words (measured on an H100: 128 beat 64 and the whole row)
 DECODE_ROWS = 16   # x with up to this many rows goes through the GEMV kernels (one pass over the
@@ -355,7 +382,8 @@ def packed_linear_cuda(x, norm_weight, packed, row_scale, residual, out_features
                  EPILOGUE=epilogue, ASM=True)
     if K <= 4 * ROW_WORDS:
         ch = min(CHUNK_WORDS, triton.next_power_of_2(K // 4))
-        packed_gemv_row_kernel[persistent](*args, CH=ch, J=triton.cdiv(K // 4, ch), **flags)
+        pdl = _launch_pdl(x.device)
+        packed_gemv_row_kernel[persistent](*args, CH=ch, J=triton.cdiv(K // 4, ch), PDL=pdl, launch_pdl=pdl, **flags)
     else:
         packed_gemv_kernel[grid](*args, BLOCK_X=min(triton.next_power_of_2(K), 8192), **flags)
     return y
@@ -365,7 +393,8 @@ def packed_linear_cuda(x, norm_weight, packed, row_scale, residual, out_features
 def decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, cos_ptr, sin_ptr, scale,
                             stride_pos, stride_kb, stride_kh, stride_kl,
                             NH: tl.constexpr, NKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
-                            BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                            BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+    _wait_for_previous_kernel(PDL)
     HALF: tl.constexpr = HD // 2
     kvh = tl.program_id(0)
     b = tl.program_id(1)
@@ -447,7 +476,8 @@ def decode_attention_cuda(qkv, k_cache, v_cache, pos, cos, sin, n_head):
         qkv, k_cache, v_cache, out, pos, cos, sin, HD ** -0.5,
         pos.stride(0) if pos.dim() else 0, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NH=n_head, NKV=NKV, G=G, HD=HD, BLOCK_G=max(16, triton.next_power_of_2(G)),
-        BLOCK_N=64 if ieee else 128, IEEE=ieee, num_warps=4 if ieee else 8)
+        BLOCK_N=64 if ieee else 128, IEEE=ieee, PDL=_launch_pdl(qkv.device), num_warps=4 if ieee else 8,
+        launch_pdl=_launch_pdl(qkv.device))
     return out
 
 
@@ -464,13 +494,15 @@ def _lm_head_counts(device):
 
 @triton.jit
 def lm_head_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, best_ptr, at_ptr, count_ptr, token_ptr, V, C, BLOCKS,
-                   HAS_SCALE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr):
+                   HAS_SCALE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+                   PDL: tl.constexpr):
     """logits = x @ w^T for decoding, and the greedy token: program (block, m) computes the
     logits of rows block * BLOCK_V ... of w for row m of x, stores them in y's dtype, and leaves
     the first of their maxima (value and index, of the stored values) in best_ptr / at_ptr (an int8
     w (HAS_SCALE): each row's float32 sum times its scale before the rounding to y's dtype); the
     last program of row m to finish finds the first maximum over the blocks, writes its index
     to token_ptr and sets the row's count back to 0."""
+    _wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     m = tl.program_id(1)
     rows = pid * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -511,12 +543,13 @@ def lm_head_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, best_ptr, at_ptr, count_ptr, 
 @triton.jit
 def lm_head_rows_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, best_ptr, at_ptr, count_ptr, token_ptr, B, V, C, BLOCKS,
                         HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr):
+                        BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, PDL: tl.constexpr):
     """lm_head_kernel for several rows of x (a batch of sequences): program (block, mt) multiplies
     its BLOCK_V rows of w, read once, with rows mt * BLOCK_M ... of x on the tensor cores (float32
     sums; IEEE: float32 operands), so a step of a batch reads the weights once, not once per
     sequence. Logits, the blocks' maxima and the greedy tokens as lm_head_kernel leaves them; one
     done-counter per tile of BLOCK_M rows."""
+    _wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     mt = tl.program_id(1)
     ms = mt * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -584,10 +617,11 @@ def lm_head_argmax_cuda(x, weight, scale=None):
             x, weight, weight if scale is None else scale, logits, best, at, _lm_head_counts(x.device), token,
             B, V, C, blocks, HAS_SCALE=scale is not None, IEEE=x.dtype == torch.float32, BLOCK_M=LM_HEAD_ROWS,
             BLOCK_V=LM_HEAD_BLOCK_V, BLOCK_C=64 if x.dtype == torch.float32 else LM_HEAD_BLOCK_C,   # float32: shared memory
-            BLOCK_B=256, num_warps=LM_HEAD_WARPS)
+            BLOCK_B=256, PDL=_launch_pdl(x.device), num_warps=LM_HEAD_WARPS, launch_pdl=_launch_pdl(x.device))
         return logits, token
     lm_head_kernel[(blocks, B)](x, weight, weight if scale is None else scale, logits, best, at,
                                 _lm_head_counts(x.device), token, V, C, blocks, HAS_SCALE=scale is not None,
                                 BLOCK_V=LM_HEAD_BLOCK_V, BLOCK_C=LM_HEAD_BLOCK_C,
-                                BLOCK_B=min(4096, triton.next_power_of_2(blocks)), num_warps=LM_HEAD_WARPS)
+                                BLOCK_B=min(4096, triton.next_power_of_2(blocks)), PDL=_launch_pdl(x.device),
+                                num_warps=LM_HEAD_WARPS, launch_pdl=_launch_pdl(x.device))
     return logits, token

@@ -53,7 +53,7 @@ def gemv_case(M, K, out, epilogue, norm, dtype, block_r, kernel):
     if kernel == 'row':   # 3 programs walk over the tiles, as the persistent grid does; the row in
         # chunks of 32 words (the last one partly masked where K / 4 is no multiple of 32)
         kernels.packed_gemv_row_kernel.fn[(min(3, triton.cdiv(R, block_r)), M)](
-            *args, CH=32, J=triton.cdiv(K // 4, 32), WAVES=1, **flags)
+            *args, CH=32, J=triton.cdiv(K // 4, 32), WAVES=1, PDL=False, **flags)
     else:            # chunks of 32 words: several trips through the loop over K
         kernels.packed_gemv_kernel.fn[(triton.cdiv(R, block_r), M)](*args, BLOCK_X=256, BLOCK_W=32, **flags)
     ref = packed_linear_reference(x, norm_weight, packed, scale, residual, out, epilogue, 1e-5)
@@ -78,7 +78,8 @@ def attention_case(nh, nkv, hd, pos, pos1=None):
     o = torch.empty(2, nh * hd)
     kernels.decode_attention_kernel[(nkv, 2)](
         qkv, k, v, o, p, cos, sin, hd ** -0.5, p.stride(0) if p.dim() else 0, k.stride(0), k.stride(1), k.stride(2),
-        NH=nh, NKV=nkv, G=nh // nkv, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(nh // nkv)), BLOCK_N=32, IEEE=True)
+        NH=nh, NKV=nkv, G=nh // nkv, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(nh // nkv)), BLOCK_N=32, IEEE=True,
+        PDL=False)
     ref = decode_attention_reference(qkv, k_ref, v_ref, p, cos, sin, nh)
     torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
     for b, pb in enumerate(p.expand(2).tolist()):   # the rotated key written at each sequence's position
@@ -104,10 +105,11 @@ def lm_head_case(B, V, C, ties, block_b, int8=False, rows=False):
     if rows:
         kernels.lm_head_rows_kernel[(blocks, triton.cdiv(B, 16))](
             x, w, w if scale is None else scale, logits, best, at, count, token, B, V, C, blocks, HAS_SCALE=int8,
-            IEEE=True, BLOCK_M=16, BLOCK_V=16, BLOCK_C=32, BLOCK_B=block_b)
+            IEEE=True, BLOCK_M=16, BLOCK_V=16, BLOCK_C=32, BLOCK_B=block_b, PDL=False)
     else:
         kernels.lm_head_kernel[(blocks, B)](x, w, w if scale is None else scale, logits, best, at, count, token, V, C,
-                                            blocks, HAS_SCALE=int8, BLOCK_V=16, BLOCK_C=32, BLOCK_B=block_b)
+                                            blocks, HAS_SCALE=int8, BLOCK_V=16, BLOCK_C=32, BLOCK_B=block_b,
+                                            PDL=False)
     ref_logits, ref_token = lm_head_argmax_reference(x, w, scale)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(token, logits.argmax(-1, keepdim=True))   # the first maximum of its own logits
