@@ -30,6 +30,7 @@ packed ternary model and the float model of the same shape with random weights:
         --intermediate_size=6912 --vocab_size=128256 --tie_embeddings=True --rope_theta=500000.0   # BitNet b1.58 2B4T
     python bench.py --mode=decode --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50257 --tie_embeddings=True  # ~125M
     python bench.py --mode=decode ... --compile=False --batch_sizes=1,2,4,8,16 --int8_head=False,True  # batches
+    python bench.py --mode=decode ... --pdl=False,True   # with and without programmatic dependent launch
 
 On CUDA both run in engine.py (static KV cache, one CUDA graph per token) in bfloat16.
 Reported: tokens per second and ms per step (the prompt's prefill included), weight bytes, peak
@@ -95,6 +96,8 @@ prompt_len = 16            # decode: prompt tokens (prefilled), then new_tokens 
 batch_sizes = '1'          # decode on CUDA: sequences decoded together, comma-separated to compare several
 int8_head = 'False'        # decode on CUDA: the packed model's lm_head in dtype ('False'), int8 with row scales
                            # ('True', Engine(int8_head=True)), or both ('False,True')
+pdl = 'True'               # decode on CUDA, Hopper or newer: the decoding kernels launched with programmatic dependent
+                           # launch ('True', ternary_kernels.PDL), without ('False'), or both ('False,True')
 new_tokens = 256
 repeats = 3                # decode: timed generations per variant (median)
 rows = '1,16,512'          # layer: rows of the input (tokens x sequences), comma-separated
@@ -133,6 +136,8 @@ check(len(batch_size_list) == len(batch_sizes.split(',')),
       f"batch_sizes must be a comma-separated list of positive integers, got '{batch_sizes}'")
 int8_head_list = [{'False': False, 'True': True}.get(h) for h in int8_head.split(',')]
 check(None not in int8_head_list, f"int8_head must be False, True or False,True, got '{int8_head}'")
+pdl_list = [{'False': False, 'True': True}.get(p) for p in pdl.split(',')]
+check(None not in pdl_list, f"pdl must be False, True or False,True, got '{pdl}'")
 wrapper_list = wrappers.split(',')
 if any(w not in ('none', 'ddp', 'fsdp') for w in wrapper_list):
     fail(f"wrappers must be a comma-separated list of none, ddp, fsdp, got '{wrappers}'")
@@ -158,8 +163,8 @@ if packed_file:
     check_new_file(packed_file, 'packed_file', overwrite, replaceable=is_packed_file)
 if threads:
     torch.set_num_threads(threads)
-if device_type != 'cuda' and (batch_size_list != [1] or int8_head_list != [False]):
-    fail("batch_sizes and int8_head time the CUDA engine: drop them on the CPU, or run on a CUDA GPU")
+if device_type != 'cuda' and (batch_size_list != [1] or int8_head_list != [False] or pdl_list != [True]):
+    fail("batch_sizes, int8_head and pdl time the CUDA engine: drop them on the CPU, or run on a CUDA GPU")
 if mode == 'layer' and device_type != 'cuda':
     fail("mode=layer times the CUDA kernels of the packed layer and needs a CUDA GPU "
          "(--mode=decode --device=cpu times the CPU kernel in a model)")
@@ -353,97 +358,91 @@ def random_model(quant, packed):
 
 
 def bench_decode():
-    """Greedy decoding, packed ternary vs float, same engine (see the module docstring)."""
+    """Greedy decoding on CUDA, packed ternary vs float, same engine (see the module docstring)."""
     import os
     import statistics
+    import ternary_kernels
     from engine import Engine, tensor_bytes
     from checkpoint import save_packed
     results = []
-    modes = ([False, True] if compile_arg is None else [compile_arg]) if cuda else [False]
+    modes = [False, True] if compile_arg is None else [compile_arg]
     for variant in ('packed', 'float'):
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
         model = random_model('b1.58' if variant == 'packed' else 'none', variant == 'packed')
         n_bitlinear = sum(m.packed.numel() for m in model.modules() if hasattr(m, 'row_scale'))
         weight_bytes = tensor_bytes(model)
-        for mode, int8, B in [(m, h, b) for m in modes for h in (int8_head_list if variant == 'packed' and cuda
-                                                                  else [False]) for b in batch_size_list]:
+        for mode, int8, B, launch in [(m, h, b, p) for m in modes for h in (int8_head_list if variant == 'packed'
+                                                                            else [False])
+                                      for b in batch_size_list for p in pdl_list]:
             prompt = torch.randint(vocab_size, (B, prompt_len), device=device)
-            if cuda:
-                runner = Engine(model, batch_size=B, max_len=prompt_len + new_tokens, dtype=ptdtype, compile=mode,
-                                int8_head=int8)
-                generate = lambda: runner.generate(prompt, new_tokens)
-                step_bytes = runner.weight_bytes()   # what a step reads at least
-            else:
-                step_bytes = None
-                generate = lambda: model.generate(prompt, new_tokens, temperature=0)
+            ternary_kernels.PDL = launch   # read as the engine's graphs are captured
+            runner = Engine(model, batch_size=B, max_len=prompt_len + new_tokens, dtype=ptdtype, compile=mode,
+                            int8_head=int8)
             with torch.no_grad():
-                first = generate()   # warm-up: compilation, autotuning, graph capture
+                first = runner.generate(prompt, new_tokens)   # warm-up: compilation, autotuning, graph capture
             times = []
             for _ in range(repeats):
                 sync()
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    out = generate()
+                    out = runner.generate(prompt, new_tokens)
                 sync()
                 times.append(time.perf_counter() - t0)
             # random weights leave near-ties among the logits, where bf16 rounding can pick another token
             same = (out[0, prompt_len:] == first[0, prompt_len:]).tolist()
             stable = same.index(False) if False in same else new_tokens
             t = statistics.median(times)
-            name = variant + (' int8-head' if int8 else '') + ((' compiled' if mode else ' eager') if cuda else '')
-            if profile and cuda and B == 1:
+            name = variant + (' int8-head' if int8 else '') + (' compiled' if mode else ' eager') + \
+                ('' if launch else ' no-PDL')
+            if profile and B == 1:
                 runner.cache.pos.fill_(prompt_len)   # a position inside the cache
                 with torch.no_grad():
                     profile_kernels(runner.step, f"decode step, {name} (no CUDA graph)", 1)
-            peak = (torch.cuda.max_memory_allocated() - base) if cuda else None
             row = dict(variant=variant, name=name, batch=B, tok_s=B * new_tokens / t, ms=1000 * t / new_tokens,
-                       weight_bytes=weight_bytes, step_bytes=step_bytes, peak=peak, stable=stable)
+                       weight_bytes=weight_bytes, step_bytes=runner.weight_bytes(),   # what a step reads at least
+                       peak=torch.cuda.max_memory_allocated() - base, stable=stable)
             if variant == 'packed':
                 row['bits'] = 8 * sum(m.packed.numel() + 4 * m.row_scale.numel()
                                       for m in model.modules() if hasattr(m, 'row_scale')) / (4 * n_bitlinear) \
                     if n_bitlinear else None
             results.append(row)
             print(f"measured: {name} batch {B}: {row['tok_s']:.1f} tokens/s, {row['ms']:.3f} ms/step", flush=True)
-            if cuda:
-                del runner
+            del runner
         if variant == 'packed' and packed_file:
             save_packed(model, packed_file, dtype=torch.bfloat16)
             results[-1]['file_bytes'] = os.path.getsize(packed_file)
-        del model, generate
-    bandwidth = None
-    if cuda:  # device-to-device copy, bytes read + written
-        a = torch.empty(2**30, dtype=torch.uint8, device=device)
-        b = torch.empty_like(a)
-        for _ in range(3):
-            b.copy_(a)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(10):
-            b.copy_(a)
-        sync()
-        bandwidth = 2 * a.numel() * 10 / (time.perf_counter() - t0)
-        del a, b
+        del model
+    a = torch.empty(2**30, dtype=torch.uint8, device=device)   # device-to-device copy, bytes read + written
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    sync()
+    bandwidth = 2 * a.numel() * 10 / (time.perf_counter() - t0)
+    del a, b
     _, device_name = device_peak_flops(device)
     print(f"device: {device_name}; torch {torch.__version__}; dtype {dtype}; compile {compile}")
     print(f"model: {n_layer} layers, {n_head} heads ({n_kv_head or n_head} kv), {n_embd} wide, MLP "
           f"{GPTConfig(n_embd=n_embd, n_head=n_head, intermediate_size=intermediate_size).intermediate_size}, "
           f"vocab {vocab_size}, tied {tie_embeddings}; prompt {prompt_len}, {new_tokens} new tokens per sequence, "
-          f"median of {repeats}" + (f"; copy bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""))
+          f"median of {repeats}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print("(tokens/s: all sequences of the batch; ms/step: one token of each sequence; of BW limit: bytes a step "
           "reads at least x steps/s over the copy bandwidth; repeat: how many greedy tokens of the first sequence a "
           "timed run shares with the first run before they differ)")
-    print(f"{'variant':<26} {'batch':>5} {'tokens/s':>9} {'ms/step':>8} {'vs float':>9} {'weights':>12} "
+    print(f"{'variant':<32} {'batch':>5} {'tokens/s':>9} {'ms/step':>8} {'vs float':>9} {'weights':>12} "
           f"{'peak mem':>12} {'of BW limit':>12} {'repeat':>7}")
     for r in results:
         floats = [f['tok_s'] for f in results if f['variant'] == 'float' and f['batch'] == r['batch']]
-        frac = f"{r['step_bytes'] * r['tok_s'] / r['batch'] / bandwidth * 100:.1f}%" if bandwidth else 'n/a'
-        mem = f"{r['peak'] / 2**20:,.1f} MiB" if r['peak'] is not None else 'n/a'
+        frac = f"{r['step_bytes'] * r['tok_s'] / r['batch'] / bandwidth * 100:.1f}%"
+        mem = f"{r['peak'] / 2**20:,.1f} MiB"
         weights = f"{r['weight_bytes'] / 2**20:,.1f} MiB"
         vs = f"{r['tok_s'] / max(floats):8.2f}x" if floats else f"{'n/a':>9}"
-        print(f"{r['name']:<26} {r['batch']:5d} {r['tok_s']:9.1f} {r['ms']:8.3f} {vs} {weights:>12} {mem:>12} "
+        print(f"{r['name']:<32} {r['batch']:5d} {r['tok_s']:9.1f} {r['ms']:8.3f} {vs} {weights:>12} {mem:>12} "
               f"{frac:>12} {r['stable']:>7}")
     print("vs float: against the faster float row of the same batch size")
     packed_row = [r for r in results if r['variant'] == 'packed'][-1]
