@@ -139,6 +139,7 @@ CASES = [
     ('bench.py', '--mode=fast', "mode must be one of train, decode, layer"),
     ('bench.py', '--mode=decode', '--batch_sizes=1,0', "batch_sizes must be a comma-separated list of positive integers"),
     ('bench.py', '--mode=decode', '--int8_head=yes', "int8_head must be False, True or False,True, got 'yes'"),
+    ('bench.py', '--mode=decode', '--pdl=on', "pdl must be False, True or False,True, got 'on'"),
     ('bench.py', '--mode=decode', '--device=cpu', '--batch_sizes=4', "batch_sizes, int8_head and pdl time the CUDA engine"),
     ('bench.py', '--packed_file={root}/p.pt', "packed_file is written by --mode=decode only"),
     ('bench.py', '--mode=decode', '--device=cpu', '--packed_file={root}/nodir/p.pt', "the directory {root}/nodir does not exist"),
