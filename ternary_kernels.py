@@ -29,6 +29,11 @@ A batch (2 rows or more) goes through lm_head_rows_kernel, which reads each bloc
 once for up to 16 rows, on the tensor cores. The weights may be int8 with a float32 scale per
 row (Engine(int8_head=True)).
 
+On Hopper and newer (PDL), the GEMV, decode attention and the lm_head kernels launch with
+programmatic dependent launch: each may start while the kernel before it still runs, reads only
+its own weights until that kernel has finished (_wait_for_previous_kernel), then lets the next
+one start.
+
 Prefill (M > 16): the weights are unpacked to int8 once per call and multiplied on the int8
 tensor cores (torch._int_mm, int32 accumulation, exact), then rescaled; bench.py compares it
 with unpacking to bfloat16 and a bfloat16 matmul.
