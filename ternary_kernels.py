@@ -476,13 +476,13 @@ def decode_attention_cuda(qkv, k_cache, v_cache, pos, cos, sin, n_head):
         return decode_attention_reference(qkv, k_cache, v_cache, pos, cos, sin, n_head)
     out = torch.empty(B, n_head * HD, device=qkv.device, dtype=qkv.dtype)
     G = n_head // NKV
+    pdl = _launch_pdl(qkv.device)
     ieee = k_cache.dtype == torch.float32   # float32 tiles of 128 positions need too much shared memory
     decode_attention_kernel[(NKV, B)](
         qkv, k_cache, v_cache, out, pos, cos, sin, HD ** -0.5,
         pos.stride(0) if pos.dim() else 0, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NH=n_head, NKV=NKV, G=G, HD=HD, BLOCK_G=max(16, triton.next_power_of_2(G)),
-        BLOCK_N=64 if ieee else 128, IEEE=ieee, PDL=_launch_pdl(qkv.device), num_warps=4 if ieee else 8,
-        launch_pdl=_launch_pdl(qkv.device))
+        BLOCK_N=64 if ieee else 128, IEEE=ieee, PDL=pdl, num_warps=4 if ieee else 8, launch_pdl=pdl)
     return out
 
 
@@ -617,16 +617,17 @@ def lm_head_argmax_cuda(x, weight, scale=None):
     best = torch.empty(B, blocks, device=x.device, dtype=torch.float32)
     at = torch.empty(B, blocks, device=x.device, dtype=torch.int32)
     token = torch.empty(B, 1, device=x.device, dtype=torch.long)
+    pdl = _launch_pdl(x.device)
     if B > 1:   # a batch: each block of weights read once for all rows, on the tensor cores
         lm_head_rows_kernel[(blocks, triton.cdiv(B, LM_HEAD_ROWS))](
             x, weight, weight if scale is None else scale, logits, best, at, _lm_head_counts(x.device), token,
             B, V, C, blocks, HAS_SCALE=scale is not None, IEEE=x.dtype == torch.float32, BLOCK_M=LM_HEAD_ROWS,
             BLOCK_V=LM_HEAD_BLOCK_V, BLOCK_C=64 if x.dtype == torch.float32 else LM_HEAD_BLOCK_C,   # float32: shared memory
-            BLOCK_B=256, PDL=_launch_pdl(x.device), num_warps=LM_HEAD_WARPS, launch_pdl=_launch_pdl(x.device))
+            BLOCK_B=256, PDL=pdl, num_warps=LM_HEAD_WARPS, launch_pdl=pdl)
         return logits, token
     lm_head_kernel[(blocks, B)](x, weight, weight if scale is None else scale, logits, best, at,
                                 _lm_head_counts(x.device), token, V, C, blocks, HAS_SCALE=scale is not None,
                                 BLOCK_V=LM_HEAD_BLOCK_V, BLOCK_C=LM_HEAD_BLOCK_C,
-                                BLOCK_B=min(4096, triton.next_power_of_2(blocks)), PDL=_launch_pdl(x.device),
-                                num_warps=LM_HEAD_WARPS, launch_pdl=_launch_pdl(x.device))
+                                BLOCK_B=min(4096, triton.next_power_of_2(blocks)), PDL=pdl,
+                                num_warps=LM_HEAD_WARPS, launch_pdl=pdl)
     return logits, token

@@ -45,32 +45,37 @@ def test_kernels_read_what_the_previous_kernel_writes_only_after_waiting_for_it(
     """Under programmatic dependent launch (ternary_kernels.PDL) a kernel starts while the previous
     one still runs: the GEMV may read its first tile of int32 weight words before
     griddepcontrol.wait, nothing else (the bfloat16 activations and residual come from the previous
-    kernel, and nothing may be stored before it finishes); attention and the lm_head wait first."""
+    kernel, and nothing may be stored before it finishes); attention and the lm_head kernels wait first."""
     import ternary_kernels as kernels
-    flags = dict(PDL=pdl)
     ptrs = {f'{name}_ptr': '*bf16' for name in ('x', 'norm', 'res', 'y')}
     gemv = memory_ops(ptx(kernels.packed_gemv_row_kernel.fn,
                           {**ptrs, 'w_ptr': '*i32', 'scale_ptr': '*fp32', 'K': 'i32', 'R': 'i32', 'N': 'i32',
                            'eps': 'fp32', 'DECODE': 'i32'},
                           dict(HAS_NORM=True, X_LOWP=True, NORM_LOWP=True, EPILOGUE=1, CH=128, J=5, ASM=True,
-                               BLOCK_R=2, WAVES=1, **flags), num_warps=4, launch_pdl=pdl))
+                               BLOCK_R=2, WAVES=1, PDL=pdl), num_warps=4, launch_pdl=pdl))
     head = memory_ops(ptx(kernels.lm_head_kernel,
                           {'x_ptr': '*bf16', 'w_ptr': '*bf16', 'scale_ptr': '*bf16', 'y_ptr': '*bf16', 'best_ptr': '*fp32',
                            'at_ptr': '*i32', 'count_ptr': '*i32', 'token_ptr': '*i64', 'V': 'i32', 'C': 'i32',
                            'BLOCKS': 'i32'},
-                          dict(HAS_SCALE=False, BLOCK_V=64, BLOCK_C=256, BLOCK_B=2048, **flags), num_warps=4))
+                          dict(HAS_SCALE=False, BLOCK_V=64, BLOCK_C=256, BLOCK_B=2048, PDL=pdl), num_warps=4))
+    head_rows = memory_ops(ptx(kernels.lm_head_rows_kernel,
+                               {'x_ptr': '*bf16', 'w_ptr': '*bf16', 'scale_ptr': '*bf16', 'y_ptr': '*bf16',
+                                'best_ptr': '*fp32', 'at_ptr': '*i32', 'count_ptr': '*i32', 'token_ptr': '*i64',
+                                'B': 'i32', 'V': 'i32', 'C': 'i32', 'BLOCKS': 'i32'},
+                               dict(HAS_SCALE=False, IEEE=False, BLOCK_M=16, BLOCK_V=64, BLOCK_C=256, BLOCK_B=256,
+                                    PDL=pdl), num_warps=4))
     attention = memory_ops(ptx(kernels.decode_attention_kernel,
                                {'qkv_ptr': '*bf16', 'k_ptr': '*bf16', 'v_ptr': '*bf16', 'o_ptr': '*bf16',
                                 'pos_ptr': '*i64', 'cos_ptr': '*fp32', 'sin_ptr': '*fp32', 'scale': 'fp32',
                                 'stride_pos': 'i32', 'stride_kb': 'i32', 'stride_kh': 'i32', 'stride_kl': 'i32'},
-                               dict(NH=20, NKV=5, G=4, HD=128, BLOCK_G=16, BLOCK_N=128, IEEE=False, **flags),
+                               dict(NH=20, NKV=5, G=4, HD=128, BLOCK_G=16, BLOCK_N=128, IEEE=False, PDL=pdl),
                                num_warps=8))
     if not pdl:
-        assert not [op for op in gemv + head + attention if op.startswith('griddepcontrol')]
+        assert not [op for op in gemv + head + head_rows + attention if op.startswith('griddepcontrol')]
         return
-    for ops in (gemv, head, attention):
+    for ops in (gemv, head, head_rows, attention):
         assert ops.count('griddepcontrol.wait') == 1 and ops.count('griddepcontrol.launch_dependents') == 1
         assert ops.index('griddepcontrol.wait') < ops.index('griddepcontrol.launch_dependents')
     before = gemv[:gemv.index('griddepcontrol.wait')]
     assert before == ['ld.global.b32'] * 10   # BLOCK_R x J words of 128 lanes, two to a thread of 4 warps
-    assert head[0] == attention[0] == 'griddepcontrol.wait'
+    assert head[0] == head_rows[0] == attention[0] == 'griddepcontrol.wait'
