@@ -8,6 +8,8 @@ device without this file knowing them (ternary_kernels.py does so for CUDA).
     bitnet::decode_attention  one decoding step of attention: rotary, cache write, attend
     bitnet::lm_head_argmax    the decoding head: logits and the greedy token together (bfloat16
                               weights, or int8 with a float32 scale per row: quantize_head)
+    bitnet::linear            F.linear, for the float model's projections in the engine (a GEMV
+                              for one row of x on CUDA)
 
 Each op's reference function (`*_reference`) is what the op computes; tests compare every
 kernel with it.
@@ -116,6 +118,18 @@ def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor,
 @lm_head_argmax.register_fake
 def _(x, weight, scale=None):
     return x.new_empty(x.size(0), weight.size(0)), x.new_empty(x.size(0), 1, dtype=torch.long)
+
+
+@torch.library.custom_op('bitnet::linear', mutates_args=())
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear as one op: on CUDA a Triton GEMV for one row of x (ternary_kernels.py), the float
+    model's projections as the engine decodes them (engine.DecodeLinear)."""
+    return F.linear(x, weight, bias)
+
+
+@linear.register_fake
+def _(x, weight, bias=None):
+    return x.new_empty(*x.shape[:-1], weight.size(0))
 
 
 def quantize_head(weight):

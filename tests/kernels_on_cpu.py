@@ -1,6 +1,7 @@
 """The Triton kernels of ternary_kernels.py run on the CPU by Triton's interpreter, against their
 PyTorch references: the packed GEMV kernels (the row held in registers, and the one looping over
-K; every epilogue, with and without the RMSNorm, float32 and bfloat16) and decode attention.
+K; every epilogue, with and without the RMSNorm, float32 and bfloat16), the lm_head kernels, the
+float GEMV of bitnet::linear and decode attention.
 The interpreter runs a kernel's programs one after another as numpy code, so this checks the
 kernels' arithmetic and indexing, not their speed. tests/test_kernels_interpreted.py runs it:
 
@@ -14,6 +15,7 @@ assert os.environ.get('TRITON_INTERPRET') == '1', "run with TRITON_INTERPRET=1 (
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -118,6 +120,22 @@ def lm_head_case(B, V, C, ties, block_b, int8=False, rows=False):
     assert count.eq(0).all()   # the finishing program set its count back
 
 
+def float_gemv_case(N, K, block_n, dtype, bias):
+    """float_gemv_kernel, 3 programs walking over tiles of block_n rows, the row in chunks of 128."""
+    g = torch.Generator().manual_seed(N + K)
+    x = torch.randn(1, K, generator=g).to(dtype)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    y = torch.full((1, N), float('nan'), dtype=dtype)
+    kernels.float_gemv_kernel[(3,)](x, w, x if b is None else b, y, N, K, HAS_BIAS=bias, CH=128,
+                                    J=triton.cdiv(K, 128), PDL=False, BLOCK_N=block_n)
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+    else:   # the interpreter rounds float32 to bfloat16 toward zero: within one ulp
+        assert ((y.float() - ref).abs() <= torch.finfo(dtype).eps * ref.abs() + 1e-4).all()
+
+
 GEMV_CASES = [  # M, K, out, epilogue, norm, dtype, block_r
     (1, 64, 64, 0, False, torch.float32, 2),
     (3, 200, 13, 1, False, torch.float32, 2),
@@ -141,6 +159,9 @@ if __name__ == '__main__':
                  (3, 100, 48, [40, 90, 5], 2, False, True), (18, 100, 48, [], 4, True, True)]:   # 16 rows a program
         lm_head_case(*case)
         print('ok lm_head', *case, flush=True)
+    for case in [(37, 300, 4, torch.float32, True), (64, 512, 8, torch.bfloat16, False), (5, 1000, 2, torch.float16, True)]:
+        float_gemv_case(*case)   # tiles past N, a partial last chunk, more tiles than programs
+        print('ok float_gemv', *case, flush=True)
     for case in [(4, 4, 32, 0), (4, 2, 64, 40), (6, 1, 32, 95), (4, 2, 64, 40, 7)]:   # the last: a position per sequence
         attention_case(*case)
         print('ok attention', *case, flush=True)

@@ -16,16 +16,20 @@ def test_triton_kernels_under_the_interpreter():
     result = subprocess.run([sys.executable, os.path.join(REPO, 'tests', 'kernels_on_cpu.py')],
                             env={**os.environ, 'TRITON_INTERPRET': '1'}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
-    assert result.stdout.count('ok ') == 2 * 8 + 7 + 4   # 8 GEMV cases x 2 kernels, 7 lm_head, 4 attention
+    assert result.stdout.count('ok ') == 2 * 8 + 7 + 3 + 4   # 8 GEMV cases x 2 kernels, 7 lm_head, 3 float GEMV, 4 attention
 
 
-def ptx(kernel, signature, constants, **options):
-    """kernel compiled for an H100/H200 (sm_90) by Triton's own compiler, no GPU needed -> its PTX."""
+def ptx(kernel, signature, constants, divisible=(), **options):
+    """kernel compiled for an H100/H200 (sm_90) by Triton's own compiler, no GPU needed -> its PTX.
+    divisible: the arguments known to be multiples of 16, as Triton specializes a launch whose
+    pointers and integers are."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     signature = {**signature, **{k: 'constexpr' for k in constants}}
-    src = ASTSource(kernel, signature, constexprs=constants)
+    names = list(signature)
+    attrs = {(names.index(n),): [['tt.divisibility', 16]] for n in divisible}
+    src = ASTSource(kernel, signature, constexprs=constants, attrs=attrs)
     return triton.compile(src, target=GPUTarget('cuda', 90, 32), options=options).asm['ptx']
 
 
@@ -43,8 +47,8 @@ def memory_ops(code):
 @pytest.mark.parametrize('pdl', [False, True])
 def test_kernels_read_what_the_previous_kernel_writes_only_after_waiting_for_it(pdl):
     """Under programmatic dependent launch (ternary_kernels.PDL) a kernel starts while the previous
-    one still runs: the GEMV may read its first tile of int32 weight words before
-    griddepcontrol.wait, nothing else (the bfloat16 activations and residual come from the previous
+    one still runs: the GEMVs may read their first tile of weights before griddepcontrol.wait,
+    nothing else (the bfloat16 activations and residual come from the previous
     kernel, and nothing may be stored before it finishes); attention and the lm_head kernels wait first."""
     import ternary_kernels as kernels
     ptrs = {f'{name}_ptr': '*bf16' for name in ('x', 'norm', 'res', 'y')}
@@ -70,12 +74,19 @@ def test_kernels_read_what_the_previous_kernel_writes_only_after_waiting_for_it(
                                 'stride_pos': 'i32', 'stride_kb': 'i32', 'stride_kh': 'i32', 'stride_kl': 'i32'},
                                dict(NH=20, NKV=5, G=4, HD=128, BLOCK_G=16, BLOCK_N=128, IEEE=False, PDL=pdl),
                                num_warps=8))
+    float_ptrs = {f'{name}_ptr': '*bf16' for name in ('x', 'w', 'b', 'y')}
+    float_gemv = memory_ops(ptx(kernels.float_gemv_kernel, {**float_ptrs, 'N': 'i32', 'K': 'i32'},
+                                dict(HAS_BIAS=True, CH=256, J=10, PDL=pdl, BLOCK_N=8),
+                                divisible=(*float_ptrs, 'K'), num_warps=4, launch_pdl=pdl))
     if not pdl:
-        assert not [op for op in gemv + head + head_rows + attention if op.startswith('griddepcontrol')]
+        assert not [op for op in gemv + head + head_rows + attention + float_gemv if op.startswith('griddepcontrol')]
         return
-    for ops in (gemv, head, head_rows, attention):
+    for ops in (gemv, head, head_rows, attention, float_gemv):
         assert ops.count('griddepcontrol.wait') == 1 and ops.count('griddepcontrol.launch_dependents') == 1
         assert ops.index('griddepcontrol.wait') < ops.index('griddepcontrol.launch_dependents')
     before = gemv[:gemv.index('griddepcontrol.wait')]
     assert before == ['ld.global.b32'] * 10   # BLOCK_R x J words of 128 lanes, two to a thread of 4 warps
+    # the float GEMV: its first tile of weights (8 rows x 2560 bfloat16, 16 bytes a load: 20 per thread), then x and b
+    before = float_gemv[:float_gemv.index('griddepcontrol.wait')]
+    assert before == ['ld.global.L1::evict_first.L2::cache_hint.v4.b32'] * 20
     assert head[0] == head_rows[0] == attention[0] == 'griddepcontrol.wait'
