@@ -23,7 +23,10 @@ A batch decodes together, each sequence at its own position (prompts of differen
 int8_head=True reads the lm_head as int8 with a scale per row (ops.quantize_head).
 """
 
+import types
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ops import quantize_head   # importing ops defines torch.ops.bitnet.decode_attention and lm_head_argmax
@@ -83,17 +86,35 @@ def tensor_bytes(model, left_out=()):
     return sum(storages.values())
 
 
+class DecodeLinear(nn.Linear):
+    """nn.Linear that, without autograd, runs as torch.ops.bitnet.linear: F.linear, with a Triton
+    GEMV on CUDA for one row of x (ternary_kernels.py). Engine(float_gemv=True) gives the float
+    model's projections this class in place (same parameters); with gradients on it is nn.Linear."""
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.bitnet.linear(x, self.weight, self.bias)
+
+
 class Engine:
 
     STEPS = 8   # greedy tokens per replay of the multi-step graph
 
-    def __init__(self, model, batch_size=1, max_len=None, dtype=torch.bfloat16, compile=True, int8_head=False):
+    def __init__(self, model, batch_size=1, max_len=None, dtype=torch.bfloat16, compile=True, int8_head=False,
+                 float_gemv=False):
         """model: a GPT on a CUDA device. dtype: the activations, the KV cache and the model's
         parameters (embedding, norms, lm_head; a float model's projections too). Packed
         buffers (uint8 weights, float32 scales) and the rotary tables are left as they are.
         int8_head: the lm_head read as int8 with a float32 scale per row (ops.quantize_head),
-        half the bytes of bfloat16; the logits move a little (docs/kernels.md gives how much)."""
+        half the bytes of bfloat16; the logits move a little (docs/kernels.md gives how much).
+        float_gemv: the float model's projections (nn.Linear in its blocks) become DecodeLinear, a
+        Triton GEMV for a batch of one on CUDA (docs/kernels.md: faster than cuBLAS per projection, the
+        whole step not yet measured); False: nn.Linear again (cuBLAS)."""
         self.model = model.eval()
+        for m in model.model.modules():
+            if type(m) in (nn.Linear, DecodeLinear):
+                m.__class__ = DecodeLinear if float_gemv else nn.Linear
         self.device = next(model.buffers()).device
         with torch.no_grad():
             for p in model.parameters():
@@ -108,12 +129,14 @@ class Engine:
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.lengths = torch.ones(batch_size, dtype=torch.long, device=self.device)   # the prompts' lengths
         self.out = torch.zeros(batch_size, self.max_len, dtype=torch.long, device=self.device)  # greedy tokens by position
+        self.step = self._step
         if compile:
-            # every Engine compiles the one code object Engine._step, with guards on its own shapes and
-            # dtypes: each new model shape, batch size or head in a process is one more recompilation of
-            # it (bench.py builds one engine per variant), past torch's default limit of 8
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-        self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
+            # torch.compile keeps compiled code per code object, and each Engine compiles its own copy of
+            # _step's: an engine never runs code compiled for another, which torch 2.11 did for the same
+            # model after float_gemv changed its projections' class, and bench.py's many engines (one per
+            # variant) do not add up to torch's limit of 8 recompilations of one code object
+            step = types.FunctionType(Engine._step.__code__.replace(), globals(), '_step')
+            self.step = torch.compile(types.MethodType(step, self), fullgraph=True, dynamic=False)
         self.graph = None
         self.logits = None
         self.greedy_graphs = None   # (graph of one greedy step, graph of STEPS greedy steps)

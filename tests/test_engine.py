@@ -88,15 +88,20 @@ def test_engine_with_an_int8_head_equals_generate_with_the_rounded_head(monkeypa
         assert torch.equal(got, tiny.generate(prompt, 10, temperature=0))
 
 
-def test_a_compiled_engine_allows_one_recompilation_per_engine(monkeypatch, tiny):
-    """Every Engine compiles the same Engine._step; a process building engines of more than 8
-    shapes (bench.py: packed and float, batch sizes, heads) must not hit dynamo's default limit,
-    which fails hard under fullgraph=True (seen on the H200 in tests/test_cuda.py)."""
+def test_each_compiled_engine_compiles_its_own_step(monkeypatch, tiny):
+    """Every Engine compiles its own copy of Engine._step's code: engines of other batch sizes
+    (bench.py builds one per variant) are not recompilations of one code object, which dynamo
+    limits (8 by default, 1 here) and fails hard at under fullgraph=True; and an engine never runs
+    code compiled for another one (torch 2.11 did, once float_gemv had changed the model)."""
     from engine import Engine
-    monkeypatch.setattr(torch._dynamo.config, 'recompile_limit', 8)
+    monkeypatch.setattr(torch._dynamo.config, 'recompile_limit', 1)
     monkeypatch.setattr(Engine, '_capture', eager_capture)
-    Engine(tiny, batch_size=2, max_len=40, dtype=torch.float32, compile=True)
-    assert torch._dynamo.config.recompile_limit >= 256
+    prompt = torch.randint(50, (3, 4))
+    for b in (1, 2, 3):
+        engine = Engine(tiny, batch_size=b, max_len=40, dtype=torch.float32, compile=True)
+        with torch.no_grad():
+            assert torch.equal(engine.generate(prompt[:b], 3), tiny.generate(prompt[:b], 3, temperature=0))
+    assert engine.step.__wrapped__.__func__.__code__ is not Engine._step.__code__
 
 
 def test_weight_bytes_count_what_a_step_reads(tiny):
@@ -115,3 +120,41 @@ def test_weight_bytes_count_what_a_step_reads(tiny):
     assert engine(tiny, int8_head=True).weight_bytes() == 2 * weights + 50 * 32 + 4 * 50
     # packed: 2-bit codes (4 per byte) and a float32 scale per row of qkv (64), o (32), gate_up (256), down (32)
     assert engine(packed).weight_bytes() == 2 * (15360 // 4 + 4 * 384) + 2 * (2 * 224 + 32) + 2 * 50 * 32
+
+
+def test_float_gemv_gives_the_float_projections_the_decode_op_and_takes_it_back(monkeypatch):
+    """Engine(float_gemv=True) turns the float model's block projections (not its lm_head) into
+    DecodeLinear, whose forward without autograd is torch.ops.bitnet.linear (counted here through a
+    CPU kernel registered for it); float_gemv=False turns them back. Same tokens either way, and with
+    gradients on a DecodeLinear is nn.Linear: training still works."""
+    from engine import DecodeLinear
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, quant='none',
+                          bias=True)).eval()
+    calls = []
+
+    def counted(x, weight, bias=None):
+        calls.append(tuple(x.shape))
+        return torch.nn.functional.linear(x, weight, bias)
+    lib = torch.library.Library('bitnet', 'IMPL')
+    lib.impl('linear', counted, 'CPU')
+    try:
+        prompt = torch.randint(50, (1, 5))
+        with torch.no_grad():
+            expected = model.generate(prompt, 6, temperature=0)
+        got = batched_engine(monkeypatch, model, 1, float_gemv=True).generate(prompt, 6)
+        layers = model.model.layers
+        assert {type(m) for m in layers.modules() if isinstance(m, torch.nn.Linear)} == {DecodeLinear}
+        assert type(model.lm_head) is torch.nn.Linear
+        assert torch.equal(got, expected)
+        assert (1, 1, 32) in calls and len(calls) % 7 == 0   # 7 projections per block, decoding one row each
+        model.train()
+        loss = model(prompt, prompt)[1]
+        loss.backward()
+        assert layers[0].mlp.up_proj.weight.grad is not None and layers[0].mlp.up_proj.bias.grad is not None
+        model.eval()
+        calls.clear()
+        assert torch.equal(batched_engine(monkeypatch, model, 1, float_gemv=False).generate(prompt, 6), expected)
+        assert calls == [] and type(layers[0].self_attn.q_proj) is torch.nn.Linear
+    finally:
+        del lib
