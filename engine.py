@@ -132,9 +132,9 @@ class Engine:
         self.step = self._step
         if compile:
             # torch.compile keeps compiled code per code object, and each Engine compiles its own copy of
-            # _step's: an engine never runs code compiled for another, which torch 2.11 did for the same
-            # model after float_gemv changed its projections' class, and bench.py's many engines (one per
-            # variant) do not add up to torch's limit of 8 recompilations of one code object
+            # _step's: an engine never runs code compiled for another (torch 2.11 on an H200 seemed to, for
+            # a model whose projections float_gemv had changed: docs/kernels.md), and bench.py's engines
+            # (one per variant) do not add up to torch's limit of 8 recompilations of one code object
             step = types.FunctionType(Engine._step.__code__.replace(), globals(), '_step')
             self.step = torch.compile(types.MethodType(step, self), fullgraph=True, dynamic=False)
         self.graph = None
