@@ -65,8 +65,8 @@ import sys
 import time
 from contextlib import nullcontext
 
-from configurator import (check, check_choice, check_device, check_device_present, check_floats, check_heads, check_ints,
-                          check_new_file, check_optional_bools, configure, fail)
+from configurator import (bool_list, check, check_choice, check_device, check_device_present, check_floats, check_heads,
+                          check_ints, check_new_file, check_optional_bools, configure, fail)
 
 # -----------------------------------------------------------------------------
 mode = 'train'             # 'train': training step time; 'decode': greedy generation speed;
@@ -137,18 +137,13 @@ check(len(row_list) == len(rows.split(',')), f"rows must be a comma-separated li
 batch_size_list = [int(b) for b in batch_sizes.split(',') if b.isdigit() and 0 < int(b) <= 4096]
 check(len(batch_size_list) == len(batch_sizes.split(',')),
       f"batch_sizes must be a comma-separated list of positive integers, got '{batch_sizes}'")
-int8_head_list = [{'False': False, 'True': True}.get(h) for h in int8_head.split(',')]
-check(None not in int8_head_list, f"int8_head must be False, True or False,True, got '{int8_head}'")
-pdl_list = [{'False': False, 'True': True}.get(p) for p in pdl.split(',')]
-check(None not in pdl_list, f"pdl must be False, True or False,True, got '{pdl}'")
-float_gemv_list = [{'False': False, 'True': True}.get(g) for g in float_gemv.split(',')]
-check(None not in float_gemv_list, f"float_gemv must be False, True or False,True, got '{float_gemv}'")
+int8_head_list = bool_list(globals(), 'int8_head')
+pdl_list = bool_list(globals(), 'pdl')
+float_gemv_list = bool_list(globals(), 'float_gemv')
 wrapper_list = wrappers.split(',')
 if any(w not in ('none', 'ddp', 'fsdp') for w in wrapper_list):
     fail(f"wrappers must be a comma-separated list of none, ddp, fsdp, got '{wrappers}'")
-checkpointing_list = [{'False': False, 'True': True}.get(a) for a in activation_checkpointing.split(',')]
-if None in checkpointing_list:
-    fail(f"activation_checkpointing must be False, True or False,True, got '{activation_checkpointing}'")
+checkpointing_list = bool_list(globals(), 'activation_checkpointing')
 distributed = 'RANK' in os.environ  # under torchrun
 if wrapper_list != ['none'] and not distributed:
     fail("wrappers ddp and fsdp need a process group: torchrun --standalone --nproc_per_node=1 bench.py ...")

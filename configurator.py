@@ -164,6 +164,14 @@ def check_optional_bools(namespace, names):
             fail(f"{name} must be True, False or None (automatic), got {namespace[name]!r}")
 
 
+def bool_list(namespace, name):
+    """A setting that times one or both ways of something: 'False', 'True' or 'False,True' -> the list
+    of bools."""
+    values = [{'False': False, 'True': True}.get(v) for v in namespace[name].split(',')]
+    check(None not in values, f"{name} must be False, True or False,True, got '{namespace[name]}'")
+    return values
+
+
 def check_device(device, extra=('auto',)):
     """A device string torch understands: cpu, cuda, cuda:N, mps (and the words in extra)."""
     if device not in extra and not re.fullmatch(r'cpu|mps|cuda(:\d+)?', device):
