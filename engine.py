@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ops import quantize_head   # importing ops defines torch.ops.bitnet.decode_attention and lm_head_argmax
-from model import KVCache, sample
+from model import MLP, Attention, KVCache, sample
 
 if torch.cuda.is_available():
     import ternary_kernels  # noqa: F401  (registers the CUDA kernels of the decode ops)
@@ -88,13 +88,54 @@ def tensor_bytes(model, left_out=()):
 
 class DecodeLinear(nn.Linear):
     """nn.Linear that, without autograd, runs as torch.ops.bitnet.linear: F.linear, with a Triton
-    GEMV on CUDA for one row of x (ternary_kernels.py). Engine(float_gemv=True) gives the float
-    model's projections this class in place (same parameters); with gradients on it is nn.Linear."""
+    GEMV on CUDA for one row of x (ternary_kernels.py). With gradients on it is nn.Linear."""
 
     def forward(self, x):
         if torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.bitnet.linear(x, self.weight, self.bias)
+        return decode_linear(x, (self,))
+
+
+def decode_linear(x, projections):
+    """x through nn.Linear projections of the same input as one torch.ops.bitnet.linear (one kernel
+    reads all their weights) -> their outputs side by side. Biases, if any, are concatenated here."""
+    bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections])
+    return torch.ops.bitnet.linear(x, [p.weight for p in projections], bias)
+
+
+class DecodeAttention(Attention):
+    """Attention whose q, k and v projections, without autograd, run as one torch.ops.bitnet.linear."""
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        if torch.is_grad_enabled():
+            return super().forward(x, cos, sin, kv_cache)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        qkv = decode_linear(x, projections)
+        q, k, v = qkv.split([p.out_features for p in projections], dim=-1)
+        y = self.attend(q, k, v, cos, sin, kv_cache, qkv)
+        return self.o_proj(y if self.attn_sub_norm is None else self.attn_sub_norm(y))
+
+
+class DecodeMLP(MLP):
+    """MLP whose gate and up projections, without autograd, run as one torch.ops.bitnet.linear."""
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        gate, up = decode_linear(x, (self.gate_proj, self.up_proj)).chunk(2, dim=-1)
+        h = self.act(gate) * up
+        return self.down_proj(h if self.ffn_sub_norm is None else self.ffn_sub_norm(h))
+
+
+def use_float_gemv(model, on):
+    """The float model's block projections become DecodeLinear, and the attention and MLP modules
+    holding them DecodeAttention and DecodeMLP (on: Engine(float_gemv=True)), or their own classes
+    again (off). Same parameters, in place; packed and BitLinear blocks are left as they are."""
+    for m in model.model.modules():
+        for base, decode in ((nn.Linear, DecodeLinear), (Attention, DecodeAttention), (MLP, DecodeMLP)):
+            projection = m if base is nn.Linear else getattr(m, 'q_proj', getattr(m, 'up_proj', None))
+            if type(m) in (base, decode) and type(projection) in (nn.Linear, DecodeLinear):
+                m.__class__ = decode if on else base
 
 
 class Engine:
@@ -102,19 +143,20 @@ class Engine:
     STEPS = 8   # greedy tokens per replay of the multi-step graph
 
     def __init__(self, model, batch_size=1, max_len=None, dtype=torch.bfloat16, compile=True, int8_head=False,
-                 float_gemv=False):
+                 float_gemv=True):
         """model: a GPT on a CUDA device. dtype: the activations, the KV cache and the model's
         parameters (embedding, norms, lm_head; a float model's projections too). Packed
         buffers (uint8 weights, float32 scales) and the rotary tables are left as they are.
         int8_head: the lm_head read as int8 with a float32 scale per row (ops.quantize_head),
         half the bytes of bfloat16; the logits move a little (docs/kernels.md gives how much).
-        float_gemv: the float model's projections (nn.Linear in its blocks) become DecodeLinear, a
-        Triton GEMV for a batch of one on CUDA (docs/kernels.md: faster than cuBLAS per projection, the
-        whole step not yet measured); False: nn.Linear again (cuBLAS)."""
+        float_gemv: at batch size 1, the float model's projections run as torch.ops.bitnet.linear
+        (use_float_gemv): on CUDA a Triton GEMV, one kernel for q, k and v and one for gate and up
+        (docs/kernels.md: 18% faster than cuBLAS at 2B4T on an H200). False, or a batch: nn.Linear
+        (cuBLAS, which reads each weight once for the whole batch).
+        """
         self.model = model.eval()
-        for m in model.model.modules():
-            if type(m) in (nn.Linear, DecodeLinear):
-                m.__class__ = DecodeLinear if float_gemv else nn.Linear
+        self.float_gemv = float_gemv and batch_size == 1
+        use_float_gemv(model, self.float_gemv)
         self.device = next(model.buffers()).device
         with torch.no_grad():
             for p in model.parameters():
@@ -132,8 +174,8 @@ class Engine:
         self.step = self._step
         if compile:
             # torch.compile keeps compiled code per code object, and each Engine compiles its own copy of
-            # _step's: an engine never runs code compiled for another (torch 2.11 on an H200 seemed to, for
-            # a model whose projections float_gemv had changed: docs/kernels.md), and bench.py's engines
+            # _step's: an engine never runs code compiled for another (with one code object, torch 2.11 ran a
+            # float_gemv engine's step as compiled for the cuBLAS engine before it), and bench.py's engines
             # (one per variant) do not add up to torch's limit of 8 recompilations of one code object
             step = types.FunctionType(Engine._step.__code__.replace(), globals(), '_step')
             self.step = torch.compile(types.MethodType(step, self), fullgraph=True, dynamic=False)

@@ -8,14 +8,14 @@ device without this file knowing them (ternary_kernels.py does so for CUDA).
     bitnet::decode_attention  one decoding step of attention: rotary, cache write, attend
     bitnet::lm_head_argmax    the decoding head: logits and the greedy token together (bfloat16
                               weights, or int8 with a float32 scale per row: quantize_head)
-    bitnet::linear            F.linear, for the float model's projections in the engine (a GEMV
-                              for one row of x on CUDA)
+    bitnet::linear            F.linear with one or more weights side by side, for the float
+                              model's projections in the engine (a GEMV for one row of x on CUDA)
 
 Each op's reference function (`*_reference`) is what the op computes; tests compare every
 kernel with it.
 """
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -120,16 +120,25 @@ def _(x, weight, scale=None):
     return x.new_empty(x.size(0), weight.size(0)), x.new_empty(x.size(0), 1, dtype=torch.long)
 
 
+def linear_reference(x, weights, bias=None):
+    """x (..., K) @ [w0; w1; ...]^T + bias: each weight (N_i, K) its own F.linear, the outputs side by side."""
+    if len(weights) == 1:
+        return F.linear(x, weights[0], bias)
+    biases = [None] * len(weights) if bias is None else bias.split([w.size(0) for w in weights])
+    return torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], dim=-1)
+
+
 @torch.library.custom_op('bitnet::linear', mutates_args=())
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear as one op: on CUDA a Triton GEMV for one row of x (ternary_kernels.py), the float
-    model's projections as the engine decodes them (engine.DecodeLinear)."""
-    return F.linear(x, weight, bias)
+def linear(x: torch.Tensor, weights: List[torch.Tensor], bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """linear_reference as one op: the float model's projections as the engine decodes them
+    (engine.DecodeLinear, and q, k, v or gate, up together: engine.DecodeAttention, DecodeMLP); on
+    CUDA a Triton GEMV for one row of x and up to three weights (ternary_kernels.py)."""
+    return linear_reference(x, weights, bias)
 
 
 @linear.register_fake
-def _(x, weight, bias=None):
-    return x.new_empty(*x.shape[:-1], weight.size(0))
+def _(x, weights, bias=None):
+    return x.new_empty(*x.shape[:-1], sum(w.size(0) for w in weights))
 
 
 def quantize_head(weight):

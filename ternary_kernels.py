@@ -30,7 +30,8 @@ once for up to 16 rows, on the tensor cores. The weights may be int8 with a floa
 row (Engine(int8_head=True)).
 
 The float model's projections (torch.ops.bitnet.linear, Engine(float_gemv=True)): for one row of x,
-float_gemv_kernel, a bfloat16 GEMV built like the packed row kernel; more rows go to cuBLAS.
+float_gemv_kernel, a bfloat16 GEMV built like the packed row kernel, over up to three weight matrices
+side by side (q, k, v; gate, up); more rows go to cuBLAS.
 
 On Hopper and newer (PDL), the GEMVs, decode attention and the lm_head kernels launch with
 programmatic dependent launch: each may start while the kernel before it still runs, reads only
@@ -43,6 +44,7 @@ with unpacking to bfloat16 and a bfloat16 matmul.
 """
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +53,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from bitlinear import unpack_ternary
-from ops import (decode_attention, decode_attention_reference, linear, lm_head_argmax, lm_head_argmax_reference,
-                 packed_linear, packed_linear_reference)
+from ops import (decode_attention, decode_attention_reference, linear, linear_reference, lm_head_argmax,
+                 lm_head_argmax_reference, packed_linear, packed_linear_reference)
 
 
 @triton.jit
@@ -639,16 +641,30 @@ def lm_head_argmax_cuda(x, weight, scale=None):
 
 
 @triton.jit
-def float_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, CH: tl.constexpr, J: tl.constexpr,
-                      PDL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y = x @ w^T + b for one row x (K,) and float weights w (N, K), K <= CH * J: persistent, as
-    packed_gemv_row_kernel is: a few programs per SM walk over tiles of BLOCK_N rows, each tile's
-    row held in registers in J chunks of CH, the next tile's always in flight (the first one's
-    before waiting for the previous kernel); float32 products summed chunk by chunk per lane,
-    then over the CH lanes."""
+def _weight_tile(w0_ptr, w1_ptr, w2_ptr, t, N0, N1, N, BLOCK_N: tl.constexpr):
+    """Tile t of BLOCK_N rows of [w0; w1; w2] (N0, N1 and N - N0 - N1 rows; N0 and N1 multiples of
+    BLOCK_N, so that no tile spans two) -> the matrix it lies in, its tile index and rows there."""
+    r = t * BLOCK_N
+    ptr, first, rows = w0_ptr, r, N0
+    if r >= N0 + N1:
+        ptr, first, rows = w2_ptr, r - N0 - N1, N - N0 - N1
+    elif r >= N0:
+        ptr, first, rows = w1_ptr, r - N0, N1
+    return ptr, first // BLOCK_N, rows
+
+
+@triton.jit
+def float_gemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, b_ptr, y_ptr, N0, N1, N, K, HAS_BIAS: tl.constexpr,
+                      CH: tl.constexpr, J: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y = x @ [w0; w1; w2]^T + b for one row x (K,) and up to three float weight matrices of K
+    columns side by side in y (N outputs), K <= CH * J: persistent, as packed_gemv_row_kernel is: a
+    few programs per SM walk over tiles of BLOCK_N rows, each tile's rows held in registers in J
+    chunks of CH, the next tile's always in flight (the first one's before waiting for the previous
+    kernel); float32 products summed chunk by chunk per lane, then over the CH lanes."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
-    w_next = _row_chunks(w_ptr, pid, N, K, BLOCK_N, CH, J, 'evict_first')
+    ptr, tw, rows_w = _weight_tile(w0_ptr, w1_ptr, w2_ptr, pid, N0, N1, N, BLOCK_N)
+    w_next = _row_chunks(ptr, tw, rows_w, K, BLOCK_N, CH, J, 'evict_first')
     _wait_for_previous_kernel(PDL)
     offs = tl.arange(0, CH)
     xs = ()
@@ -656,7 +672,8 @@ def float_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, 
         xs = xs + (tl.load(x_ptr + j * CH + offs, mask=j * CH + offs < K, other=0.0).to(tl.float32),)
     for t in range(pid, tl.cdiv(N, BLOCK_N), programs):
         w = w_next
-        w_next = _row_chunks(w_ptr, t + programs, N, K, BLOCK_N, CH, J, 'evict_first')
+        ptr, tw, rows_w = _weight_tile(w0_ptr, w1_ptr, w2_ptr, t + programs, N0, N1, N, BLOCK_N)
+        w_next = _row_chunks(ptr, tw, rows_w, K, BLOCK_N, CH, J, 'evict_first')
         acc = tl.zeros([BLOCK_N, CH], dtype=tl.float32)
         for j in tl.static_range(J):
             acc += w[j].to(tl.float32) * xs[j][None, :]
@@ -675,17 +692,22 @@ FLOAT_TILE = 20480         # inputs per tile (rows x K), rounded down to a power
 
 
 @linear.register_kernel('cuda')
-def linear_cuda(x, weight, bias=None):
+def linear_cuda(x, weights, bias=None):
     K = x.size(-1)
-    N = weight.size(0)
-    if x.numel() != K or K > FLOAT_CHUNK * FLOAT_ROW_CHUNKS or not weight.is_contiguous() or weight.dtype != x.dtype \
-            or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return F.linear(x, weight, bias)   # more than one row of x: cuBLAS reads the weights once for all
+    sizes = [w.size(0) for w in weights]
+    if x.numel() != K or K > FLOAT_CHUNK * FLOAT_ROW_CHUNKS or len(weights) > 3 \
+            or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) \
+            or any(not w.is_contiguous() or w.dtype != x.dtype or w.size(1) != K for w in weights):
+        return linear_reference(x, weights, bias)   # more than one row of x: cuBLAS reads each weight once for all
     x = x.contiguous()
-    y = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
+    y = torch.empty(*x.shape[:-1], sum(sizes), device=x.device, dtype=x.dtype)
     block_n = min(8, max(1, triton.next_power_of_2(FLOAT_TILE // K + 1) // 2))   # a power of two <= FLOAT_TILE / K
+    for n in sizes[:-1]:   # halved until no tile spans two matrices
+        block_n = math.gcd(block_n, n)
+    w0, w1, w2 = (weights + [weights[0]] * 2)[:3]
+    n0, n1 = (sizes + [0])[:2]
     pdl = _launch_pdl(x.device)
-    float_gemv_kernel[(min(triton.cdiv(N, block_n), 2 * _sm_count(x.device)),)](   # two programs per SM
-        x, weight, x if bias is None else bias, y, N, K, HAS_BIAS=bias is not None, CH=FLOAT_CHUNK,
-        J=triton.cdiv(K, FLOAT_CHUNK), PDL=pdl, BLOCK_N=block_n, num_warps=4, launch_pdl=pdl)
+    float_gemv_kernel[(min(triton.cdiv(sum(sizes), block_n), 2 * _sm_count(x.device)),)](   # two programs per SM
+        x, w0, w1, w2, x if bias is None else bias, y, n0, n1, sum(sizes), K, HAS_BIAS=bias is not None,
+        CH=FLOAT_CHUNK, J=triton.cdiv(K, FLOAT_CHUNK), PDL=pdl, BLOCK_N=block_n, num_warps=4, launch_pdl=pdl)
     return y

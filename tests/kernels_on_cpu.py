@@ -120,16 +120,19 @@ def lm_head_case(B, V, C, ties, block_b, int8=False, rows=False):
     assert count.eq(0).all()   # the finishing program set its count back
 
 
-def float_gemv_case(N, K, block_n, dtype, bias):
-    """float_gemv_kernel, 3 programs walking over tiles of block_n rows, the row in chunks of 128."""
-    g = torch.Generator().manual_seed(N + K)
+def float_gemv_case(sizes, K, block_n, dtype, bias):
+    """float_gemv_kernel over weights of `sizes` rows side by side, 3 programs walking over tiles of
+    block_n rows, the row in chunks of 128."""
+    g = torch.Generator().manual_seed(sum(sizes) + K)
     x = torch.randn(1, K, generator=g).to(dtype)
-    w = torch.randn(N, K, generator=g).to(dtype)
+    ws = [torch.randn(n, K, generator=g).to(dtype) for n in sizes]
+    N = sum(sizes)
     b = torch.randn(N, generator=g).to(dtype) if bias else None
     y = torch.full((1, N), float('nan'), dtype=dtype)
-    kernels.float_gemv_kernel[(3,)](x, w, x if b is None else b, y, N, K, HAS_BIAS=bias, CH=128,
-                                    J=triton.cdiv(K, 128), PDL=False, BLOCK_N=block_n)
-    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    w0, w1, w2 = (ws + [ws[0]] * 2)[:3]
+    kernels.float_gemv_kernel[(3,)](x, w0, w1, w2, x if b is None else b, y, *(sizes + [0])[:2], N, K,
+                                    HAS_BIAS=bias, CH=128, J=triton.cdiv(K, 128), PDL=False, BLOCK_N=block_n)
+    ref = F.linear(x.float(), torch.cat(ws).float(), None if b is None else b.float())
     if dtype == torch.float32:
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
     else:   # the interpreter rounds float32 to bfloat16 toward zero: within one ulp
@@ -159,8 +162,11 @@ if __name__ == '__main__':
                  (3, 100, 48, [40, 90, 5], 2, False, True), (18, 100, 48, [], 4, True, True)]:   # 16 rows a program
         lm_head_case(*case)
         print('ok lm_head', *case, flush=True)
-    for case in [(37, 300, 4, torch.float32, True), (64, 512, 8, torch.bfloat16, False), (5, 1000, 2, torch.float16, True)]:
-        float_gemv_case(*case)   # tiles past N, a partial last chunk, more tiles than programs
+    # tiles past N, a partial last chunk, more tiles than programs; two and three weights side by side
+    for case in [([37], 300, 4, torch.float32, True), ([64], 512, 8, torch.bfloat16, False),
+                 ([5], 1000, 2, torch.float16, True), ([8, 12, 5], 200, 4, torch.float32, True),
+                 ([16, 16], 130, 8, torch.bfloat16, False)]:
+        float_gemv_case(*case)
         print('ok float_gemv', *case, flush=True)
     for case in [(4, 4, 32, 0), (4, 2, 64, 40), (6, 1, 32, 95), (4, 2, 64, 40, 7)]:   # the last: a position per sequence
         attention_case(*case)

@@ -130,26 +130,30 @@ def test_lm_head_kernel_matches_reference(dtype, B, V, C, int8):
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize('N,K,bias', [(2560, 2560, False), (640, 2560, True), (6912, 2560, False), (2560, 6912, True),
-                                      (13, 200, True), (3, 8192, False)])
-def test_float_linear_kernel_matches_reference(dtype, N, K, bias):
-    """bitnet::linear on CUDA: the Triton GEMV for one row of x, against F.linear in float32 from the
-    same inputs, within the rounding to dtype; more rows, and rows past 8192 inputs, are F.linear itself."""
+@pytest.mark.parametrize('sizes,K,bias', [([2560], 2560, False), ([640], 2560, True), ([6912], 2560, False),
+                                          ([2560], 6912, True), ([13], 200, True), ([3], 8192, False),
+                                          ([2560, 640, 640], 2560, True), ([6912, 6912], 2560, False),
+                                          ([12, 20, 7], 200, True)])
+def test_float_linear_kernel_matches_reference(dtype, sizes, K, bias):
+    """bitnet::linear on CUDA: the Triton GEMV for one row of x and weights side by side (12 rows:
+    tiles of 4), against F.linear in float32 from the same inputs, within the rounding to dtype;
+    more rows, and rows past 8192 inputs, are ops.linear_reference itself."""
     import ternary_kernels  # noqa: F401
-    from ops import linear
-    g = torch.Generator(device='cuda').manual_seed(N + K)
-    w = (torch.randn(N, K, device='cuda', generator=g) * 0.02).to(dtype)
-    b = torch.randn(N, device='cuda', generator=g).to(dtype) if bias else None
+    from ops import linear, linear_reference
+    g = torch.Generator(device='cuda').manual_seed(sum(sizes) + K)
+    ws = [(torch.randn(n, K, device='cuda', generator=g) * 0.02).to(dtype) for n in sizes]
+    b = torch.randn(sum(sizes), device='cuda', generator=g).to(dtype) if bias else None
     x = torch.randn(1, 1, K, device='cuda', generator=g).to(dtype)
-    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
-    y = linear(x, w, b)
-    assert y.shape == (1, 1, N) and y.dtype == dtype
+    ref = F.linear(x.float(), torch.cat(ws).float(), None if b is None else b.float())
+    y = linear(x, ws, b)
+    assert y.shape == (1, 1, sum(sizes)) and y.dtype == dtype
     eps = torch.finfo(dtype).eps
     assert ((y.float() - ref).abs() <= eps * ref.abs() + 1e-5 * K ** 0.5).all()   # half an ulp, and float32 sums
     x3 = torch.randn(3, K, device='cuda', generator=g).to(dtype)
-    assert torch.equal(linear(x3, w, b), F.linear(x3, w, b))
+    assert torch.equal(linear(x3, ws, b), linear_reference(x3, ws, b))
     wide = torch.randn(2, 8200, device='cuda', generator=g).to(dtype)
-    assert torch.equal(linear(x[0, :, :1].expand(1, 8200).contiguous(), wide), F.linear(x[0, :, :1].expand(1, 8200), wide))
+    assert torch.equal(linear(x[0, :, :1].expand(1, 8200).contiguous(), [wide]),
+                       F.linear(x[0, :, :1].expand(1, 8200), wide))
 
 
 def tiny_gpt(quant='b1.58', **kw):
@@ -202,7 +206,7 @@ def test_float_gemv_engine_runs_the_gemv_and_equals_generate(compile):
     from engine import Engine
     model = tiny_gpt('none').cuda()
     prompt = torch.randint(80, (1, 7), device='cuda')
-    Engine(model, max_len=60, dtype=torch.float32, compile=compile).generate(prompt, 20)
+    Engine(model, max_len=60, dtype=torch.float32, compile=compile, float_gemv=False).generate(prompt, 20)
     engine = Engine(model, max_len=107, dtype=torch.float32, compile=compile, float_gemv=True)
     got = engine.generate(prompt, 100)
     with torch.no_grad():
@@ -211,7 +215,7 @@ def test_float_gemv_engine_runs_the_gemv_and_equals_generate(compile):
             engine.step()
             torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert sum('float_gemv_kernel' in n for n in names) == 3 * 7, names   # 7 projections in each of 3 blocks
+    assert sum('float_gemv_kernel' in n for n in names) == 3 * 4, names   # qkv, o, gate_up, down in each of 3 blocks
 
 
 @pytest.mark.parametrize('packed', [False, True])

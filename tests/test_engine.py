@@ -4,7 +4,7 @@ eagerly on the CPU (test_model.eager_capture stands in for CUDA graphs), against
 import pytest
 import torch
 
-from model import GPT, GPTConfig, rotary_tables
+from model import GPT, MLP, Attention, GPTConfig, rotary_tables
 from ops import decode_attention_reference, lm_head_argmax, quantize_head
 from test_model import eager_capture
 
@@ -123,19 +123,21 @@ def test_weight_bytes_count_what_a_step_reads(tiny):
 
 
 def test_float_gemv_gives_the_float_projections_the_decode_op_and_takes_it_back(monkeypatch):
-    """Engine(float_gemv=True) turns the float model's block projections (not its lm_head) into
-    DecodeLinear, whose forward without autograd is torch.ops.bitnet.linear (counted here through a
-    CPU kernel registered for it); float_gemv=False turns them back. Same tokens either way, and with
-    gradients on a DecodeLinear is nn.Linear: training still works."""
-    from engine import DecodeLinear
+    """Engine(float_gemv=True) turns the float model's blocks (not its lm_head) to the decode classes,
+    which without autograd run their projections as torch.ops.bitnet.linear (counted here through
+    a CPU kernel registered for it): q, k, v in one call, o, gate and up in one, down. float_gemv=False,
+    or a batch of more than one, turns them back. Same tokens either way, and with gradients on they are the model's own modules:
+    training still works."""
+    from engine import DecodeAttention, DecodeLinear, DecodeMLP
+    from ops import linear_reference
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, quant='none',
                           bias=True)).eval()
     calls = []
 
-    def counted(x, weight, bias=None):
-        calls.append(tuple(x.shape))
-        return torch.nn.functional.linear(x, weight, bias)
+    def counted(x, weights, bias=None):
+        calls.append((tuple(x.shape), [tuple(w.shape) for w in weights], bias is not None))
+        return linear_reference(x, weights, bias)
     lib = torch.library.Library('bitnet', 'IMPL')
     lib.impl('linear', counted, 'CPU')
     try:
@@ -145,9 +147,12 @@ def test_float_gemv_gives_the_float_projections_the_decode_op_and_takes_it_back(
         got = batched_engine(monkeypatch, model, 1, float_gemv=True).generate(prompt, 6)
         layers = model.model.layers
         assert {type(m) for m in layers.modules() if isinstance(m, torch.nn.Linear)} == {DecodeLinear}
+        assert type(layers[1].self_attn) is DecodeAttention and type(layers[1].mlp) is DecodeMLP
         assert type(model.lm_head) is torch.nn.Linear
         assert torch.equal(got, expected)
-        assert (1, 1, 32) in calls and len(calls) % 7 == 0   # 7 projections per block, decoding one row each
+        step = [((1, 1, 32), [(32, 32), (16, 32), (16, 32)], True), ((1, 1, 32), [(32, 32)], True),
+                ((1, 1, 32), [(128, 32), (128, 32)], True), ((1, 1, 128), [(32, 128)], True)]
+        assert calls[-8:] == step * 2 and len(calls) % 4 == 0   # each block: qkv, o, gate and up, down
         model.train()
         loss = model(prompt, prompt)[1]
         loss.backward()
@@ -156,5 +161,8 @@ def test_float_gemv_gives_the_float_projections_the_decode_op_and_takes_it_back(
         calls.clear()
         assert torch.equal(batched_engine(monkeypatch, model, 1, float_gemv=False).generate(prompt, 6), expected)
         assert calls == [] and type(layers[0].self_attn.q_proj) is torch.nn.Linear
+        assert type(layers[0].self_attn) is Attention and type(layers[0].mlp) is MLP
+        assert not batched_engine(monkeypatch, model, 2, float_gemv=True).float_gemv   # a batch: cuBLAS
+        assert type(layers[0].mlp) is MLP and type(layers[0].mlp.up_proj) is torch.nn.Linear
     finally:
         del lib

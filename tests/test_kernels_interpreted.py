@@ -16,7 +16,7 @@ def test_triton_kernels_under_the_interpreter():
     result = subprocess.run([sys.executable, os.path.join(REPO, 'tests', 'kernels_on_cpu.py')],
                             env={**os.environ, 'TRITON_INTERPRET': '1'}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
-    assert result.stdout.count('ok ') == 2 * 8 + 7 + 3 + 4   # 8 GEMV cases x 2 kernels, 7 lm_head, 3 float GEMV, 4 attention
+    assert result.stdout.count('ok ') == 2 * 8 + 7 + 5 + 4   # 8 GEMV cases x 2 kernels, 7 lm_head, 5 float GEMV, 4 attention
 
 
 def ptx(kernel, signature, constants, divisible=(), **options):
@@ -74,8 +74,9 @@ def test_kernels_read_what_the_previous_kernel_writes_only_after_waiting_for_it(
                                 'stride_pos': 'i32', 'stride_kb': 'i32', 'stride_kh': 'i32', 'stride_kl': 'i32'},
                                dict(NH=20, NKV=5, G=4, HD=128, BLOCK_G=16, BLOCK_N=128, IEEE=False, PDL=pdl),
                                num_warps=8))
-    float_ptrs = {f'{name}_ptr': '*bf16' for name in ('x', 'w', 'b', 'y')}
-    float_gemv = memory_ops(ptx(kernels.float_gemv_kernel, {**float_ptrs, 'N': 'i32', 'K': 'i32'},
+    float_ptrs = {f'{name}_ptr': '*bf16' for name in ('x', 'w0', 'w1', 'w2', 'b', 'y')}
+    float_gemv = memory_ops(ptx(kernels.float_gemv_kernel, {**float_ptrs, 'N0': 'i32', 'N1': 'i32', 'N': 'i32',
+                                                            'K': 'i32'},
                                 dict(HAS_BIAS=True, CH=256, J=10, PDL=pdl, BLOCK_N=8),
                                 divisible=(*float_ptrs, 'K'), num_warps=4, launch_pdl=pdl))
     if not pdl:
