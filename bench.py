@@ -31,7 +31,7 @@ packed ternary model and the float model of the same shape with random weights:
     python bench.py --mode=decode --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50257 --tie_embeddings=True  # ~125M
     python bench.py --mode=decode ... --compile=False --batch_sizes=1,2,4,8,16 --int8_head=False,True  # batches
     python bench.py --mode=decode ... --pdl=False,True   # with and without programmatic dependent launch
-    python bench.py --mode=decode ... --float_gemv=False,True   # the float projections on cuBLAS, and on our GEMV
+    python bench.py --mode=decode ... --float_gemv=False,True   # the float projections on cuBLAS too, not only our GEMV
 
 On CUDA both run in engine.py (static KV cache, one CUDA graph per token) in bfloat16.
 Reported: tokens per second and ms per step (the prompt's prefill included), weight bytes, peak
@@ -99,8 +99,9 @@ int8_head = 'False'        # decode on CUDA: the packed model's lm_head in dtype
                            # ('True', Engine(int8_head=True)), or both ('False,True')
 pdl = 'True'               # decode on CUDA, Hopper or newer: the decoding kernels launched with programmatic dependent
                            # launch ('True', ternary_kernels.PDL), without ('False'), or both ('False,True')
-float_gemv = 'False'       # decode on CUDA: the float model's projections at batch 1 through cuBLAS ('False'), through
-                           # the Triton GEMV ('True', Engine(float_gemv=True)), or both ('False,True')
+float_gemv = 'True'        # decode on CUDA: the float model's projections at batch 1 through the Triton GEMV ('True',
+                           # Engine(float_gemv=True)), through cuBLAS ('False', the 'float cuBLAS' rows), or both
+                           # ('False,True'); batches always go through cuBLAS
 new_tokens = 256
 repeats = 3                # decode: timed generations per variant (median)
 rows = '1,16,512'          # layer: rows of the input (tokens x sequences), comma-separated
@@ -164,7 +165,7 @@ if packed_file:
 if threads:
     torch.set_num_threads(threads)
 if device_type != 'cuda' and (batch_size_list != [1] or int8_head_list != [False] or pdl_list != [True]
-                              or float_gemv_list != [False]):
+                              or float_gemv_list != [True]):
     fail("batch_sizes, int8_head, pdl and float_gemv time the CUDA engine: drop them on the CPU, or run on a CUDA GPU")
 if mode == 'layer' and device_type != 'cuda':
     fail("mode=layer times the CUDA kernels of the packed layer and needs a CUDA GPU "
@@ -377,7 +378,7 @@ def bench_decode():
         heads = int8_head_list if variant == 'packed' else [False]
         gemvs = float_gemv_list if variant == 'float' else [False]
         for mode, int8, gemv, B, launch in [(m, h, g, b, p) for m in modes for h in heads for g in gemvs
-                                            for b in batch_size_list for p in pdl_list]:
+                                            for b in batch_size_list for p in pdl_list if b == 1 or g == gemvs[0]]:
             prompt = torch.randint(vocab_size, (B, prompt_len), device=device)
             ternary_kernels.PDL = launch   # read as the engine's graphs are captured
             runner = Engine(model, batch_size=B, max_len=prompt_len + new_tokens, dtype=ptdtype, compile=mode,
@@ -396,7 +397,8 @@ def bench_decode():
             same = (out[0, prompt_len:] == first[0, prompt_len:]).tolist()
             stable = same.index(False) if False in same else new_tokens
             t = statistics.median(times)
-            name = variant + (' int8-head' if int8 else '') + (' GEMV' if gemv else '') + \
+            cublas = variant == 'float' and not runner.float_gemv and B == 1
+            name = variant + (' int8-head' if int8 else '') + (' cuBLAS' if cublas else '') + \
                 (' compiled' if mode else ' eager') + ('' if launch else ' no-PDL')
             if profile and B == 1:
                 runner.cache.pos.fill_(prompt_len)   # a position inside the cache

@@ -142,7 +142,7 @@ CASES = [
     ('bench.py', '--mode=decode', '--pdl=on', "pdl must be False, True or False,True, got 'on'"),
     ('bench.py', '--mode=decode', '--float_gemv=yes', "float_gemv must be False, True or False,True, got 'yes'"),
     ('bench.py', '--mode=decode', '--device=cpu', '--batch_sizes=4', "batch_sizes, int8_head, pdl and float_gemv time the CUDA engine"),
-    ('bench.py', '--mode=decode', '--device=cpu', '--float_gemv=True', "batch_sizes, int8_head, pdl and float_gemv time the CUDA"),
+    ('bench.py', '--mode=decode', '--device=cpu', '--float_gemv=False', "batch_sizes, int8_head, pdl and float_gemv time the CUDA"),
     ('bench.py', '--packed_file={root}/p.pt', "packed_file is written by --mode=decode only"),
     ('bench.py', '--mode=decode', '--device=cpu', '--packed_file={root}/nodir/p.pt', "the directory {root}/nodir does not exist"),
     ('bench.py', '--mode=decode', '--device=cpu', '--packed_file={root}/notes.txt', "pass --overwrite=True"),
