@@ -20,7 +20,9 @@ prefilled by the ordinary forward pass, captured in a CUDA graph of its own per 
 (the last few lengths are kept), so a repeated prompt length costs one replay. The float
 model and the packed model run through the same engine, so their speeds compare fairly.
 A batch decodes together, each sequence at its own position (prompts of different lengths);
-int8_head=True reads the lm_head as int8 with a scale per row (ops.quantize_head).
+int8_head=True reads the lm_head as int8 with a scale per row (ops.quantize_head). A float
+model decoding one sequence runs its projections as a Triton GEMV (float_gemv, DecodeAttention:
+q, k, v in one kernel; DecodeMLP: gate and up in one), batches on cuBLAS.
 """
 
 import types
