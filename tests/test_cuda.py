@@ -235,7 +235,8 @@ def test_batched_engine_equals_generate_per_sequence(packed):
         for b, L in enumerate(lengths):
             with torch.no_grad():
                 expected = model.generate(prompt[b:b + 1, :L], 100, temperature=0)[0]
-            assert torch.equal(got[b, :L + 100], expected), (B, b)
+            differ = (got[b, :L + 100] != expected).nonzero().flatten().tolist()
+            assert not differ, f"batch {B}, sequence {b} (prompt {L}): first differs at position {differ[:1]}"
         assert torch.equal(engine.generate(prompt, 100, lengths=lengths), got)   # replaying the graphs again
 
 
