@@ -164,6 +164,19 @@ def tiny_gpt(quant='b1.58', **kw):
     return GPT(GPTConfig(**args)).eval()
 
 
+def assert_greedy_equal(model, got, expected, what, rtol=1e-4):
+    """Greedy tokens (T,) of two code paths from one prompt: equal, or equal up to the first position
+    where model's own logits hold a near-tie between the two tokens (within rtol of the largest
+    logit's size), where float32 sums in another order may pick either one; the rest then differs."""
+    differ = (got != expected).nonzero().flatten().tolist()
+    if differ:
+        p = differ[0]
+        with torch.no_grad():
+            logits = model(expected[None, :p])[0][0, -1].float()
+        gap = (logits[expected[p]] - logits[got[p]]).abs().item()
+        assert gap <= rtol * logits.abs().max().item(), f"{what}: differs at position {p}, logits {gap:.3g} apart"
+
+
 def test_packed_model_logits_on_cuda_equal_training_form():
     from packed import pack_model, verify_packed
     from conftest import integer_layers
@@ -235,8 +248,7 @@ def test_batched_engine_equals_generate_per_sequence(packed):
         for b, L in enumerate(lengths):
             with torch.no_grad():
                 expected = model.generate(prompt[b:b + 1, :L], 100, temperature=0)[0]
-            differ = (got[b, :L + 100] != expected).nonzero().flatten().tolist()
-            assert not differ, f"batch {B}, sequence {b} (prompt {L}): first differs at position {differ[:1]}"
+            assert_greedy_equal(model, got[b, :L + 100], expected, f"batch {B}, sequence {b} (prompt {L})")
         assert torch.equal(engine.generate(prompt, 100, lengths=lengths), got)   # replaying the graphs again
 
 
