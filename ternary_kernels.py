@@ -700,14 +700,15 @@ def linear_cuda(x, weights, bias=None):
             or any(not w.is_contiguous() or w.dtype != x.dtype or w.size(1) != K for w in weights):
         return linear_reference(x, weights, bias)   # more than one row of x: cuBLAS reads each weight once for all
     x = x.contiguous()
-    y = torch.empty(*x.shape[:-1], sum(sizes), device=x.device, dtype=x.dtype)
+    N = sum(sizes)
+    y = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
     block_n = min(8, max(1, triton.next_power_of_2(FLOAT_TILE // K + 1) // 2))   # a power of two <= FLOAT_TILE / K
     for n in sizes[:-1]:   # halved until no tile spans two matrices
         block_n = math.gcd(block_n, n)
     w0, w1, w2 = (weights + [weights[0]] * 2)[:3]
     n0, n1 = (sizes + [0])[:2]
     pdl = _launch_pdl(x.device)
-    float_gemv_kernel[(min(triton.cdiv(sum(sizes), block_n), 2 * _sm_count(x.device)),)](   # two programs per SM
-        x, w0, w1, w2, x if bias is None else bias, y, n0, n1, sum(sizes), K, HAS_BIAS=bias is not None,
+    float_gemv_kernel[(min(triton.cdiv(N, block_n), 2 * _sm_count(x.device)),)](   # two programs per SM
+        x, w0, w1, w2, x if bias is None else bias, y, n0, n1, N, K, HAS_BIAS=bias is not None,
         CH=FLOAT_CHUNK, J=triton.cdiv(K, FLOAT_CHUNK), PDL=pdl, BLOCK_N=block_n, num_warps=4, launch_pdl=pdl)
     return y

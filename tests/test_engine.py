@@ -126,8 +126,8 @@ def test_float_gemv_gives_the_float_projections_the_decode_op_and_takes_it_back(
     """Engine(float_gemv=True) turns the float model's blocks (not its lm_head) to the decode classes,
     which without autograd run their projections as torch.ops.bitnet.linear (counted here through
     a CPU kernel registered for it): q, k, v in one call, o, gate and up in one, down. float_gemv=False,
-    or a batch of more than one, turns them back. Same tokens either way, and with gradients on they are the model's own modules:
-    training still works."""
+    or a batch of more than one, turns them back. Same tokens either way, and with gradients on they
+    are the model's own modules: training still works."""
     from engine import DecodeAttention, DecodeLinear, DecodeMLP
     from ops import linear_reference
     torch.manual_seed(0)
