@@ -21,8 +21,8 @@ prefilled by the ordinary forward pass, captured in a CUDA graph of its own per 
 model and the packed model run through the same engine, so their speeds compare fairly.
 A batch decodes together, each sequence at its own position (prompts of different lengths);
 int8_head=True reads the lm_head as int8 with a scale per row (ops.quantize_head). A float
-model decoding one sequence runs its projections as a Triton GEMV (float_gemv, DecodeAttention:
-q, k, v in one kernel; DecodeMLP: gate and up in one), batches on cuBLAS.
+model decoding one sequence runs its blocks as the packed model does, four Triton GEMVs with the
+norms, residual adds and relu^2 folded in (float_gemv, DecodeBlock); batches run on cuBLAS.
 """
 
 import types
@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ops import quantize_head   # importing ops defines torch.ops.bitnet.decode_attention and lm_head_argmax
-from model import MLP, Attention, KVCache, sample
+from model import ACTIVATIONS, Block, KVCache, sample
 
 if torch.cuda.is_available():
     import ternary_kernels  # noqa: F401  (registers the CUDA kernels of the decode ops)
@@ -88,56 +88,46 @@ def tensor_bytes(model, left_out=()):
     return sum(storages.values())
 
 
-class DecodeLinear(nn.Linear):
-    """nn.Linear that, without autograd, runs as torch.ops.bitnet.linear: F.linear, with a Triton
-    GEMV on CUDA for one row of x (ternary_kernels.py). With gradients on it is nn.Linear."""
-
-    def forward(self, x):
-        if torch.is_grad_enabled():
-            return F.linear(x, self.weight, self.bias)
-        return decode_linear(x, (self,))
-
-
-def decode_linear(x, projections):
+def decode_linear(x, projections, norm=None, residual=None, epilogue=0):
     """x through nn.Linear projections of the same input as one torch.ops.bitnet.linear (one kernel
-    reads all their weights) -> their outputs side by side. Biases, if any, are concatenated here."""
+    reads all their weights) -> their outputs side by side. norm: a model.RMSNorm applied to x first;
+    residual: added to the output (epilogue 1); epilogue 2: relu(gate)^2 * up for [gate, up]. Biases,
+    if any, are concatenated here."""
     bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections])
-    return torch.ops.bitnet.linear(x, [p.weight for p in projections], bias)
+    return torch.ops.bitnet.linear(x, [p.weight for p in projections], bias, None if norm is None else norm.weight,
+                                   residual, epilogue, 0.0 if norm is None else norm.eps)
 
 
-class DecodeAttention(Attention):
-    """Attention whose q, k and v projections, without autograd, run as one torch.ops.bitnet.linear."""
+class DecodeBlock(Block):
+    """model.Block whose forward, without autograd, runs as packed.PackedBlock's does: four
+    torch.ops.bitnet.linear calls and attention, each RMSNorm folded into the projection after it
+    and the residual adds and relu^2 into the projection before (Engine(float_gemv=True))."""
 
     def forward(self, x, cos, sin, kv_cache=None):
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or self.training:
             return super().forward(x, cos, sin, kv_cache)
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        qkv = decode_linear(x, projections)
+        attn, mlp = self.self_attn, self.mlp
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        qkv = decode_linear(x, projections, self.input_layernorm)
         q, k, v = qkv.split([p.out_features for p in projections], dim=-1)
-        y = self.attend(q, k, v, cos, sin, kv_cache, qkv)
-        return self.o_proj(y if self.attn_sub_norm is None else self.attn_sub_norm(y))
-
-
-class DecodeMLP(MLP):
-    """MLP whose gate and up projections, without autograd, run as one torch.ops.bitnet.linear."""
-
-    def forward(self, x):
-        if torch.is_grad_enabled():
-            return super().forward(x)
-        gate, up = decode_linear(x, (self.gate_proj, self.up_proj)).chunk(2, dim=-1)
-        h = self.act(gate) * up
-        return self.down_proj(h if self.ffn_sub_norm is None else self.ffn_sub_norm(h))
+        y = attn.attend(q, k, v, cos, sin, kv_cache, qkv)
+        x = decode_linear(y, (attn.o_proj,), attn.attn_sub_norm, residual=x, epilogue=1)
+        if mlp.act is ACTIVATIONS['relu2']:
+            h = decode_linear(x, (mlp.gate_proj, mlp.up_proj), self.post_attention_layernorm, epilogue=2)
+        else:
+            gate_up = decode_linear(x, (mlp.gate_proj, mlp.up_proj), self.post_attention_layernorm)
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = mlp.act(gate) * up
+        return decode_linear(h, (mlp.down_proj,), mlp.ffn_sub_norm, residual=x, epilogue=1)
 
 
 def use_float_gemv(model, on):
-    """The float model's block projections become DecodeLinear, and the attention and MLP modules
-    holding them DecodeAttention and DecodeMLP (on: Engine(float_gemv=True)), or their own classes
-    again (off). Same parameters, in place; packed and BitLinear blocks are left as they are."""
-    for m in model.model.modules():
-        for base, decode in ((nn.Linear, DecodeLinear), (Attention, DecodeAttention), (MLP, DecodeMLP)):
-            projection = m if base is nn.Linear else getattr(m, 'q_proj', getattr(m, 'up_proj', None))
-            if type(m) in (base, decode) and type(projection) in (nn.Linear, DecodeLinear):
-                m.__class__ = decode if on else base
+    """The float model's blocks become DecodeBlock (on: Engine(float_gemv=True)), or model.Block
+    again (off). Same modules and parameters, the class changed in place; packed and BitLinear
+    blocks are left as they are."""
+    for block in model.model.layers:
+        if type(block) in (Block, DecodeBlock) and type(block.self_attn.q_proj) is nn.Linear:
+            block.__class__ = DecodeBlock if on else Block
 
 
 class Engine:
@@ -151,10 +141,9 @@ class Engine:
         buffers (uint8 weights, float32 scales) and the rotary tables are left as they are.
         int8_head: the lm_head read as int8 with a float32 scale per row (ops.quantize_head),
         half the bytes of bfloat16; the logits move a little (docs/kernels.md gives how much).
-        float_gemv: at batch size 1, the float model's projections run as torch.ops.bitnet.linear
-        (use_float_gemv): on CUDA a Triton GEMV, one kernel for q, k and v and one for gate and up
-        (docs/kernels.md: 18% faster than cuBLAS at 2B4T on an H200). False, or a batch: nn.Linear
-        (cuBLAS, which reads each weight once for the whole batch).
+        float_gemv: at batch size 1, the float model's blocks run as DecodeBlock (use_float_gemv):
+        on CUDA four Triton GEMVs a block, the norms, residual adds and relu^2 folded into them.
+        False, or a batch: model.Block (cuBLAS, which reads each weight once for the whole batch).
         """
         self.model = model.eval()
         self.float_gemv = float_gemv and batch_size == 1

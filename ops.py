@@ -8,8 +8,9 @@ device without this file knowing them (ternary_kernels.py does so for CUDA).
     bitnet::decode_attention  one decoding step of attention: rotary, cache write, attend
     bitnet::lm_head_argmax    the decoding head: logits and the greedy token together (bfloat16
                               weights, or int8 with a float32 scale per row: quantize_head)
-    bitnet::linear            F.linear with one or more weights side by side, for the float
-                              model's projections in the engine (a GEMV for one row of x on CUDA)
+    bitnet::linear            F.linear with one or more weights side by side, an RMSNorm before and
+                              a residual or relu^2 after: a float model's projections as the engine
+                              decodes them (a GEMV for one row of x on CUDA)
 
 Each op's reference function (`*_reference`) is what the op computes; tests compare every
 kernel with it.
@@ -120,25 +121,33 @@ def _(x, weight, scale=None):
     return x.new_empty(x.size(0), weight.size(0)), x.new_empty(x.size(0), 1, dtype=torch.long)
 
 
-def linear_reference(x, weights, bias=None):
-    """x (..., K) @ [w0; w1; ...]^T + bias: each weight (N_i, K) its own F.linear, the outputs side by side."""
-    if len(weights) == 1:
-        return F.linear(x, weights[0], bias)
+def linear_reference(x, weights, bias=None, norm_weight=None, residual=None, epilogue=0, eps=0.0):
+    """x (..., K) -> the RMSNorm of x with norm_weight (None: none), as model.RMSNorm computes it, then
+    through weights (N_i, K) side by side, each its own F.linear (bias: theirs, concatenated), then
+    epilogue 0: y; 1: y + residual; 2: relu(gate)^2 * up, for weights [gate, up], as model.MLP."""
+    if norm_weight is not None:
+        x = (norm_weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)).to(x.dtype)
     biases = [None] * len(weights) if bias is None else bias.split([w.size(0) for w in weights])
-    return torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], dim=-1)
+    ys = [F.linear(x, w, b) for w, b in zip(weights, biases)]
+    if epilogue == 2:
+        return F.relu(ys[0]).square() * ys[1]
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+    return y + residual if epilogue == 1 else y
 
 
 @torch.library.custom_op('bitnet::linear', mutates_args=())
-def linear(x: torch.Tensor, weights: List[torch.Tensor], bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """linear_reference as one op: the float model's projections as the engine decodes them
-    (engine.DecodeLinear, and q, k, v or gate, up together: engine.DecodeAttention, DecodeMLP); on
-    CUDA a Triton GEMV for one row of x and up to three weights (ternary_kernels.py)."""
-    return linear_reference(x, weights, bias)
+def linear(x: torch.Tensor, weights: List[torch.Tensor], bias: Optional[torch.Tensor] = None,
+           norm_weight: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None, epilogue: int = 0,
+           eps: float = 0.0) -> torch.Tensor:
+    """linear_reference as one op: a float model's block as the engine decodes it (engine.DecodeBlock:
+    RMSNorm, q, k, v together; sub-norm, o, residual; RMSNorm, gate and up, relu^2; sub-norm, down,
+    residual); on CUDA a Triton GEMV for one row of x and up to three weights (ternary_kernels.py)."""
+    return linear_reference(x, weights, bias, norm_weight, residual, epilogue, eps)
 
 
 @linear.register_fake
-def _(x, weights, bias=None):
-    return x.new_empty(*x.shape[:-1], sum(w.size(0) for w in weights))
+def _(x, weights, bias=None, norm_weight=None, residual=None, epilogue=0, eps=0.0):
+    return x.new_empty(*x.shape[:-1], weights[0].size(0) if epilogue == 2 else sum(w.size(0) for w in weights))
 
 
 def quantize_head(weight):

@@ -654,34 +654,80 @@ def _weight_tile(w0_ptr, w1_ptr, w2_ptr, t, N0, N1, N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def float_gemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, b_ptr, y_ptr, N0, N1, N, K, HAS_BIAS: tl.constexpr,
+def _float_tile_sums(w, xs, FIRST: tl.constexpr, J: tl.constexpr, BLOCK_N: tl.constexpr, CH: tl.constexpr):
+    """Chunks w[FIRST] .. w[FIRST + J - 1] of a tile (BLOCK_N, CH) each, against the row's chunks xs
+    -> the tile's BLOCK_N sums in float32: per lane chunk by chunk, then over the CH lanes."""
+    acc = tl.zeros([BLOCK_N, CH], dtype=tl.float32)
+    for j in tl.static_range(J):
+        acc += w[FIRST + j].to(tl.float32) * xs[j][None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _float_tile_weights(w0_ptr, w1_ptr, w2_ptr, t, N0, N1, N, K, EPILOGUE: tl.constexpr, BLOCK_N: tl.constexpr,
+                        CH: tl.constexpr, J: tl.constexpr):
+    """Tile t's weights as chunks (_row_chunks): rows t * BLOCK_N ... of [w0; w1; w2], or, for
+    EPILOGUE 2, those rows of w0 (gate) followed by the same rows of w1 (up)."""
+    if EPILOGUE == 2:
+        w = _row_chunks(w0_ptr, t, N0, K, BLOCK_N, CH, J, 'evict_first') + \
+            _row_chunks(w1_ptr, t, N0, K, BLOCK_N, CH, J, 'evict_first')
+    else:
+        ptr, tw, rows_w = _weight_tile(w0_ptr, w1_ptr, w2_ptr, t, N0, N1, N, BLOCK_N)
+        w = _row_chunks(ptr, tw, rows_w, K, BLOCK_N, CH, J, 'evict_first')
+    return w
+
+
+@triton.jit
+def float_gemv_kernel(x_ptr, norm_ptr, w0_ptr, w1_ptr, w2_ptr, b_ptr, res_ptr, y_ptr, N0, N1, N, K, eps,
+                      HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, LOWP: tl.constexpr, EPILOGUE: tl.constexpr,
                       CH: tl.constexpr, J: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y = x @ [w0; w1; w2]^T + b for one row x (K,) and up to three float weight matrices of K
-    columns side by side in y (N outputs), K <= CH * J: persistent, as packed_gemv_row_kernel is: a
-    few programs per SM walk over tiles of BLOCK_N rows, each tile's rows held in registers in J
-    chunks of CH, the next tile's always in flight (the first one's before waiting for the previous
-    kernel); float32 products summed chunk by chunk per lane, then over the CH lanes."""
+    """ops.linear_reference for one row x (K,), K <= CH * J, and up to three float weight matrices
+    of K columns side by side (N outputs): RMSNorm first (HAS_NORM), then y = x @ [w0; w1; w2]^T + b,
+    then EPILOGUE 0: y; 1: y + residual; 2: relu(gate)^2 * up for w0, w1 = gate, up (N0 rows each,
+    N0 outputs), each step rounded to x's dtype (LOWP) where model.py's modules round it.
+    Persistent, as packed_gemv_row_kernel is: a few programs per SM walk over tiles of BLOCK_N rows,
+    each tile's rows held in registers in J chunks of CH, the next tile's always in flight (the
+    first one's before waiting for the previous kernel); float32 sums."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
-    ptr, tw, rows_w = _weight_tile(w0_ptr, w1_ptr, w2_ptr, pid, N0, N1, N, BLOCK_N)
-    w_next = _row_chunks(ptr, tw, rows_w, K, BLOCK_N, CH, J, 'evict_first')
+    out_ty = y_ptr.dtype.element_ty
+    w_next = _float_tile_weights(w0_ptr, w1_ptr, w2_ptr, pid, N0, N1, N, K, EPILOGUE, BLOCK_N, CH, J)
     _wait_for_previous_kernel(PDL)
     offs = tl.arange(0, CH)
     xs = ()
+    nws = ()
+    ss = tl.zeros([CH], dtype=tl.float32)
     for j in tl.static_range(J):
-        xs = xs + (tl.load(x_ptr + j * CH + offs, mask=j * CH + offs < K, other=0.0).to(tl.float32),)
-    for t in range(pid, tl.cdiv(N, BLOCK_N), programs):
-        w = w_next
-        ptr, tw, rows_w = _weight_tile(w0_ptr, w1_ptr, w2_ptr, t + programs, N0, N1, N, BLOCK_N)
-        w_next = _row_chunks(ptr, tw, rows_w, K, BLOCK_N, CH, J, 'evict_first')
-        acc = tl.zeros([BLOCK_N, CH], dtype=tl.float32)
+        xk = tl.load(x_ptr + j * CH + offs, mask=j * CH + offs < K, other=0.0).to(tl.float32)
+        xs = xs + (xk,)
+        ss += xk * xk
+        if HAS_NORM:
+            nws = nws + (tl.load(norm_ptr + j * CH + offs, mask=j * CH + offs < K, other=0.0).to(tl.float32),)
+    if HAS_NORM:   # as model.RMSNorm: weight * rms_norm(x in float32) rounded to x's dtype, then rounded again
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+        xn = ()
         for j in tl.static_range(J):
-            acc += w[j].to(tl.float32) * xs[j][None, :]
+            xn = xn + (_normalize(xs[j], nws[j], rstd, out_ty, True, LOWP, LOWP),)
+        xs = xn
+    rows_out = N0 if EPILOGUE == 2 else N
+    for t in range(pid, tl.cdiv(rows_out, BLOCK_N), programs):
+        w = w_next
+        w_next = _float_tile_weights(w0_ptr, w1_ptr, w2_ptr, t + programs, N0, N1, N, K, EPILOGUE, BLOCK_N, CH, J)
         rows = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        y = tl.sum(acc, axis=1)
+        mask = rows < rows_out
+        y = _float_tile_sums(w, xs, 0, J, BLOCK_N, CH)
         if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+            y += tl.load(b_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+        y = y.to(out_ty).to(tl.float32)   # the projection's output, as F.linear returns it
+        if EPILOGUE == 2:   # model.MLP: relu(gate).square() * up, each step in x's dtype
+            up = _float_tile_sums(w, xs, J, J, BLOCK_N, CH)
+            if HAS_BIAS:
+                up += tl.load(b_ptr + N0 + rows, mask=mask, other=0.0).to(tl.float32)
+            gate = tl.maximum(y, 0.0)
+            y = (gate * gate).to(out_ty).to(tl.float32) * up.to(out_ty).to(tl.float32)
+        if EPILOGUE == 1:
+            y += tl.load(res_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(out_ty), mask=mask)
 
 
 FLOAT_CHUNK = 256          # float_gemv_kernel: a row in chunks of this many inputs ...
@@ -692,23 +738,27 @@ FLOAT_TILE = 20480         # inputs per tile (rows x K), rounded down to a power
 
 
 @linear.register_kernel('cuda')
-def linear_cuda(x, weights, bias=None):
+def linear_cuda(x, weights, bias=None, norm_weight=None, residual=None, epilogue=0, eps=0.0):
     K = x.size(-1)
     sizes = [w.size(0) for w in weights]
     if x.numel() != K or K > FLOAT_CHUNK * FLOAT_ROW_CHUNKS or len(weights) > 3 \
             or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) \
             or any(not w.is_contiguous() or w.dtype != x.dtype or w.size(1) != K for w in weights):
-        return linear_reference(x, weights, bias)   # more than one row of x: cuBLAS reads each weight once for all
+        return linear_reference(x, weights, bias, norm_weight, residual, epilogue, eps)   # more rows: cuBLAS
     x = x.contiguous()
-    N = sum(sizes)
-    y = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
-    block_n = min(8, max(1, triton.next_power_of_2(FLOAT_TILE // K + 1) // 2))   # a power of two <= FLOAT_TILE / K
+    out = sizes[0] if epilogue == 2 else sum(sizes)
+    y = torch.empty(*x.shape[:-1], out, device=x.device, dtype=x.dtype)
+    pair = 2 if epilogue == 2 else 1   # relu2: a tile holds its rows of gate and of up
+    block_n = min(8, max(1, triton.next_power_of_2(FLOAT_TILE // (pair * K) + 1) // 2))   # <= FLOAT_TILE inputs
     for n in sizes[:-1]:   # halved until no tile spans two matrices
         block_n = math.gcd(block_n, n)
     w0, w1, w2 = (weights + [weights[0]] * 2)[:3]
     n0, n1 = (sizes + [0])[:2]
     pdl = _launch_pdl(x.device)
-    float_gemv_kernel[(min(triton.cdiv(N, block_n), 2 * _sm_count(x.device)),)](   # two programs per SM
-        x, w0, w1, w2, x if bias is None else bias, y, n0, n1, N, K, HAS_BIAS=bias is not None,
-        CH=FLOAT_CHUNK, J=triton.cdiv(K, FLOAT_CHUNK), PDL=pdl, BLOCK_N=block_n, num_warps=4, launch_pdl=pdl)
+    float_gemv_kernel[(min(triton.cdiv(out, block_n), 2 * _sm_count(x.device)),)](   # two programs per SM
+        x, x if norm_weight is None else norm_weight, w0, w1, w2, x if bias is None else bias,
+        y if residual is None else residual.contiguous(), y, n0, n1, sum(sizes), K, eps,
+        HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None, LOWP=x.dtype != torch.float32,
+        EPILOGUE=epilogue, CH=FLOAT_CHUNK, J=triton.cdiv(K, FLOAT_CHUNK), PDL=pdl, BLOCK_N=block_n, num_warps=4,
+        launch_pdl=pdl)
     return y

@@ -22,7 +22,8 @@ import triton.language as tl  # noqa: E402
 import ternary_kernels as kernels  # noqa: E402
 from bitlinear import pack_ternary  # noqa: E402
 from model import rotary_tables  # noqa: E402
-from ops import decode_attention_reference, lm_head_argmax_reference, packed_linear_reference, quantize_head  # noqa: E402
+from ops import (decode_attention_reference, linear_reference, lm_head_argmax_reference,  # noqa: E402
+                 packed_linear_reference, quantize_head)
 
 
 class RoundHalfEven:
@@ -120,23 +121,30 @@ def lm_head_case(B, V, C, ties, block_b, int8=False, rows=False):
     assert count.eq(0).all()   # the finishing program set its count back
 
 
-def float_gemv_case(sizes, K, block_n, dtype, bias):
-    """float_gemv_kernel over weights of `sizes` rows side by side, 3 programs walking over tiles of
-    block_n rows, the row in chunks of 128."""
-    g = torch.Generator().manual_seed(sum(sizes) + K)
+def float_gemv_case(sizes, K, block_n, dtype, bias, norm=False, epilogue=0):
+    """float_gemv_kernel over weights of `sizes` rows side by side (an RMSNorm first, an epilogue
+    after), 3 programs walking over tiles of block_n rows, the row in chunks of 128, against
+    ops.linear_reference."""
+    g = torch.Generator().manual_seed(sum(sizes) + K + epilogue)
     x = torch.randn(1, K, generator=g).to(dtype)
-    ws = [torch.randn(n, K, generator=g).to(dtype) for n in sizes]
+    ws = [(torch.randn(n, K, generator=g) / K ** 0.5).to(dtype) for n in sizes]
     N = sum(sizes)
+    out = sizes[0] if epilogue == 2 else N
     b = torch.randn(N, generator=g).to(dtype) if bias else None
-    y = torch.full((1, N), float('nan'), dtype=dtype)
+    nw = (1 + torch.randn(K, generator=g) / 4).to(dtype) if norm else None
+    res = torch.randn(1, out, generator=g).to(dtype) if epilogue == 1 else None
+    y = torch.full((1, out), float('nan'), dtype=dtype)
     w0, w1, w2 = (ws + [ws[0]] * 2)[:3]
-    kernels.float_gemv_kernel[(3,)](x, w0, w1, w2, x if b is None else b, y, *(sizes + [0])[:2], N, K,
-                                    HAS_BIAS=bias, CH=128, J=triton.cdiv(K, 128), PDL=False, BLOCK_N=block_n)
-    ref = F.linear(x.float(), torch.cat(ws).float(), None if b is None else b.float())
+    kernels.float_gemv_kernel[(3,)](x, x if nw is None else nw, w0, w1, w2, x if b is None else b,
+                                    y if res is None else res, y, *(sizes + [0])[:2], N, K, 1e-5,
+                                    HAS_BIAS=bias, HAS_NORM=norm, LOWP=dtype != torch.float32, EPILOGUE=epilogue,
+                                    CH=128, J=triton.cdiv(K, 128), PDL=False, BLOCK_N=block_n)
+    b, nw, res = (None if t is None else t.double() for t in (b, nw, res))
+    ref = linear_reference(x.double(), [w.double() for w in ws], b, nw, res, epilogue=epilogue, eps=1e-5)
     if dtype == torch.float32:
-        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
-    else:   # the interpreter rounds float32 to bfloat16 toward zero: within one ulp
-        assert ((y.float() - ref).abs() <= torch.finfo(dtype).eps * ref.abs() + 1e-4).all()
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    else:   # rounded to bfloat16 or float16 (the interpreter rounds toward zero), a step or two of it
+        assert ((y.double() - ref).abs() <= 4 * torch.finfo(dtype).eps * ref.abs() + 2e-2).all()
 
 
 GEMV_CASES = [  # M, K, out, epilogue, norm, dtype, block_r
@@ -162,10 +170,12 @@ if __name__ == '__main__':
                  (3, 100, 48, [40, 90, 5], 2, False, True), (18, 100, 48, [], 4, True, True)]:   # 16 rows a program
         lm_head_case(*case)
         print('ok lm_head', *case, flush=True)
-    # tiles past N, a partial last chunk, more tiles than programs; two and three weights side by side
+    # tiles past N, a partial last chunk, more tiles than programs; two and three weights side by side;
+    # an RMSNorm first, then + residual, or relu(gate)^2 * up
     for case in [([37], 300, 4, torch.float32, True), ([64], 512, 8, torch.bfloat16, False),
-                 ([5], 1000, 2, torch.float16, True), ([8, 12, 5], 200, 4, torch.float32, True),
-                 ([16, 16], 130, 8, torch.bfloat16, False)]:
+                 ([5], 1000, 2, torch.float16, True), ([8, 12, 5], 200, 4, torch.float32, True, True),
+                 ([16, 16], 130, 8, torch.bfloat16, False, True), ([24], 300, 8, torch.float32, True, True, 1),
+                 ([20, 20], 256, 4, torch.float32, True, True, 2), ([40, 40], 256, 8, torch.bfloat16, False, True, 2)]:
         float_gemv_case(*case)
         print('ok float_gemv', *case, flush=True)
     for case in [(4, 4, 32, 0), (4, 2, 64, 40), (6, 1, 32, 95), (4, 2, 64, 40, 7)]:   # the last: a position per sequence

@@ -156,6 +156,32 @@ def test_float_linear_kernel_matches_reference(dtype, sizes, K, bias):
                        F.linear(x[0, :, :1].expand(1, 8200), wide))
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('sizes,K,epilogue', [([2560, 640, 640], 2560, 0), ([2560], 2560, 1), ([6912, 6912], 2560, 2),
+                                              ([2560], 6912, 1), ([24, 24], 200, 2)])
+def test_float_linear_kernel_with_norm_and_epilogue_matches_reference(dtype, sizes, K, epilogue):
+    """bitnet::linear with an RMSNorm first and + residual or relu(gate)^2 * up after, as a float
+    block decodes (engine.DecodeBlock): the GEMV against ops.linear_reference (cuBLAS, torch's
+    element-wise ops) on the same inputs, within a few roundings to dtype."""
+    import ternary_kernels  # noqa: F401
+    from ops import linear, linear_reference
+    g = torch.Generator(device='cuda').manual_seed(sum(sizes) + K + epilogue)
+    ws = [(torch.randn(n, K, device='cuda', generator=g) / K ** 0.5).to(dtype) for n in sizes]
+    out = sizes[0] if epilogue == 2 else sum(sizes)
+    b = torch.randn(sum(sizes), device='cuda', generator=g).to(dtype)
+    nw = (1 + torch.randn(K, device='cuda', generator=g) / 4).to(dtype)
+    res = torch.randn(1, 1, out, device='cuda', generator=g).to(dtype) if epilogue == 1 else None
+    x = (3 * torch.randn(1, 1, K, device='cuda', generator=g)).to(dtype)
+    y = linear(x, ws, b, nw, res, epilogue, 1e-5)
+    ref = linear_reference(x, ws, b, nw, res, epilogue, 1e-5)
+    assert y.shape == ref.shape == (1, 1, out) and y.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    assert ((y.float() - ref.float()).abs() <= 4 * eps * ref.float().abs() + 1e-4 * K ** 0.5).all()
+    x3 = x.expand(1, 3, K).contiguous()
+    assert torch.equal(linear(x3, ws, b, nw, None if res is None else res.expand(1, 3, out), epilogue, 1e-5),
+                       linear_reference(x3, ws, b, nw, None if res is None else res.expand(1, 3, out), epilogue, 1e-5))
+
+
 def tiny_gpt(quant='b1.58', **kw):
     from model import GPT, GPTConfig
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ eagerly on the CPU (test_model.eager_capture stands in for CUDA graphs), against
 import pytest
 import torch
 
-from model import GPT, MLP, Attention, GPTConfig, rotary_tables
+from model import GPT, GPTConfig, rotary_tables
 from ops import decode_attention_reference, lm_head_argmax, quantize_head
 from test_model import eager_capture
 
@@ -122,47 +122,52 @@ def test_weight_bytes_count_what_a_step_reads(tiny):
     assert engine(packed).weight_bytes() == 2 * (15360 // 4 + 4 * 384) + 2 * (2 * 224 + 32) + 2 * 50 * 32
 
 
-def test_float_gemv_gives_the_float_projections_the_decode_op_and_takes_it_back(monkeypatch):
-    """Engine(float_gemv=True) turns the float model's blocks (not its lm_head) to the decode classes,
-    which without autograd run their projections as torch.ops.bitnet.linear (counted here through
-    a CPU kernel registered for it): q, k, v in one call, o, gate and up in one, down. float_gemv=False,
-    or a batch of more than one, turns them back. Same tokens either way, and with gradients on they
-    are the model's own modules: training still works."""
-    from engine import DecodeAttention, DecodeLinear, DecodeMLP
+def test_float_gemv_gives_the_float_blocks_the_decode_op_and_takes_it_back(monkeypatch):
+    """Engine(float_gemv=True) turns the float model's blocks into DecodeBlock, which without autograd
+    runs as torch.ops.bitnet.linear (counted here through a CPU kernel registered for it): input norm
+    with q, k, v; sub-norm, o and the residual; norm, gate and up with relu^2; sub-norm, down and the
+    residual. float_gemv=False, or a batch of more than one, turns them back. Same tokens either way,
+    with and without sub-norms and with silu, and with gradients on a DecodeBlock is a Block: training
+    still works."""
+    from engine import DecodeBlock
+    from model import Block
     from ops import linear_reference
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, quant='none',
-                          bias=True)).eval()
     calls = []
 
-    def counted(x, weights, bias=None):
-        calls.append((tuple(x.shape), [tuple(w.shape) for w in weights], bias is not None))
-        return linear_reference(x, weights, bias)
+    def counted(x, weights, bias=None, norm_weight=None, residual=None, epilogue=0, eps=0.0):
+        calls.append((tuple(x.shape), [tuple(w.shape) for w in weights], bias is not None, norm_weight is not None,
+                      residual is not None, epilogue))
+        return linear_reference(x, weights, bias, norm_weight, residual, epilogue, eps)
     lib = torch.library.Library('bitnet', 'IMPL')
     lib.impl('linear', counted, 'CPU')
     try:
-        prompt = torch.randint(50, (1, 5))
-        with torch.no_grad():
-            expected = model.generate(prompt, 6, temperature=0)
-        got = batched_engine(monkeypatch, model, 1, float_gemv=True).generate(prompt, 6)
-        layers = model.model.layers
-        assert {type(m) for m in layers.modules() if isinstance(m, torch.nn.Linear)} == {DecodeLinear}
-        assert type(layers[1].self_attn) is DecodeAttention and type(layers[1].mlp) is DecodeMLP
-        assert type(model.lm_head) is torch.nn.Linear
-        assert torch.equal(got, expected)
-        step = [((1, 1, 32), [(32, 32), (16, 32), (16, 32)], True), ((1, 1, 32), [(32, 32)], True),
-                ((1, 1, 32), [(128, 32), (128, 32)], True), ((1, 1, 128), [(32, 128)], True)]
-        assert calls[-8:] == step * 2 and len(calls) % 4 == 0   # each block: qkv, o, gate and up, down
-        model.train()
-        loss = model(prompt, prompt)[1]
-        loss.backward()
-        assert layers[0].mlp.up_proj.weight.grad is not None and layers[0].mlp.up_proj.bias.grad is not None
-        model.eval()
-        calls.clear()
-        assert torch.equal(batched_engine(monkeypatch, model, 1, float_gemv=False).generate(prompt, 6), expected)
-        assert calls == [] and type(layers[0].self_attn.q_proj) is torch.nn.Linear
-        assert type(layers[0].self_attn) is Attention and type(layers[0].mlp) is MLP
-        assert not batched_engine(monkeypatch, model, 2, float_gemv=True).float_gemv   # a batch: cuBLAS
-        assert type(layers[0].mlp) is MLP and type(layers[0].mlp.up_proj) is torch.nn.Linear
+        for kw in (dict(), dict(sub_norms=False, hidden_act='silu')):
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                                  quant='none', bias=True, **kw)).eval()
+            prompt = torch.randint(50, (1, 5))
+            with torch.no_grad():
+                expected = model.generate(prompt, 6, temperature=0)
+            calls.clear()
+            got = batched_engine(monkeypatch, model, 1, float_gemv=True).generate(prompt, 6)
+            layers = model.model.layers
+            assert [type(b) for b in layers] == [DecodeBlock] * 2 and type(model.lm_head) is torch.nn.Linear
+            assert torch.equal(got, expected)
+            sub = 'sub_norms' not in kw
+            step = [((1, 1, 32), [(32, 32), (16, 32), (16, 32)], True, True, False, 0),
+                    ((1, 1, 32), [(32, 32)], True, sub, True, 1),
+                    ((1, 1, 32), [(128, 32), (128, 32)], True, True, False, 2 if sub else 0),
+                    ((1, 1, 128), [(32, 128)], True, sub, True, 1)]
+            assert calls[-8:] == step * 2 and len(calls) % 4 == 0
+            model.train()
+            loss = model(prompt, prompt)[1]
+            loss.backward()
+            assert layers[0].mlp.up_proj.weight.grad is not None and layers[0].mlp.up_proj.bias.grad is not None
+            model.eval()
+            calls.clear()
+            assert torch.equal(batched_engine(monkeypatch, model, 1, float_gemv=False).generate(prompt, 6), expected)
+            assert calls == [] and [type(b) for b in layers] == [Block] * 2
+            assert not batched_engine(monkeypatch, model, 2, float_gemv=True).float_gemv   # a batch: cuBLAS
+            assert [type(b) for b in layers] == [Block] * 2
     finally:
         del lib

@@ -16,7 +16,7 @@ def test_triton_kernels_under_the_interpreter():
     result = subprocess.run([sys.executable, os.path.join(REPO, 'tests', 'kernels_on_cpu.py')],
                             env={**os.environ, 'TRITON_INTERPRET': '1'}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
-    assert result.stdout.count('ok ') == 2 * 8 + 7 + 5 + 4   # 8 GEMV cases x 2 kernels, 7 lm_head, 5 float GEMV, 4 attention
+    assert result.stdout.count('ok ') == 2 * 8 + 7 + 8 + 4   # 8 GEMV cases x 2 kernels, 7 lm_head, 8 float GEMV, 4 attention
 
 
 def ptx(kernel, signature, constants, divisible=(), **options):
@@ -74,20 +74,25 @@ def test_kernels_read_what_the_previous_kernel_writes_only_after_waiting_for_it(
                                 'stride_pos': 'i32', 'stride_kb': 'i32', 'stride_kh': 'i32', 'stride_kl': 'i32'},
                                dict(NH=20, NKV=5, G=4, HD=128, BLOCK_G=16, BLOCK_N=128, IEEE=False, PDL=pdl),
                                num_warps=8))
-    float_ptrs = {f'{name}_ptr': '*bf16' for name in ('x', 'w0', 'w1', 'w2', 'b', 'y')}
-    float_gemv = memory_ops(ptx(kernels.float_gemv_kernel, {**float_ptrs, 'N0': 'i32', 'N1': 'i32', 'N': 'i32',
-                                                            'K': 'i32'},
-                                dict(HAS_BIAS=True, CH=256, J=10, PDL=pdl, BLOCK_N=8),
-                                divisible=(*float_ptrs, 'K'), num_warps=4, launch_pdl=pdl))
+    float_ptrs = {f'{name}_ptr': '*bf16' for name in ('x', 'norm', 'w0', 'w1', 'w2', 'b', 'res', 'y')}
+    float_gemv, float_relu2 = (memory_ops(ptx(kernels.float_gemv_kernel,
+                                              {**float_ptrs, 'N0': 'i32', 'N1': 'i32', 'N': 'i32', 'K': 'i32',
+                                               'eps': 'fp32'},
+                                              dict(HAS_BIAS=True, HAS_NORM=True, LOWP=True, EPILOGUE=epilogue, CH=256,
+                                                   J=10, PDL=pdl, BLOCK_N=block_n),
+                                              divisible=(*float_ptrs, 'K'), num_warps=4, launch_pdl=pdl))
+                               for epilogue, block_n in ((1, 8), (2, 4)))
     if not pdl:
-        assert not [op for op in gemv + head + head_rows + attention + float_gemv if op.startswith('griddepcontrol')]
+        assert not [op for op in gemv + head + head_rows + attention + float_gemv + float_relu2
+                    if op.startswith('griddepcontrol')]
         return
-    for ops in (gemv, head, head_rows, attention, float_gemv):
+    for ops in (gemv, head, head_rows, attention, float_gemv, float_relu2):
         assert ops.count('griddepcontrol.wait') == 1 and ops.count('griddepcontrol.launch_dependents') == 1
         assert ops.index('griddepcontrol.wait') < ops.index('griddepcontrol.launch_dependents')
     before = gemv[:gemv.index('griddepcontrol.wait')]
     assert before == ['ld.global.b32'] * 10   # BLOCK_R x J words of 128 lanes, two to a thread of 4 warps
-    # the float GEMV: its first tile of weights (8 rows x 2560 bfloat16, 16 bytes a load: 20 per thread), then x and b
-    before = float_gemv[:float_gemv.index('griddepcontrol.wait')]
-    assert before == ['ld.global.L1::evict_first.L2::cache_hint.v4.b32'] * 20
+    # the float GEMV: its first tile of weights (8 rows x 2560 bfloat16, or 4 rows of gate and 4 of up; 16 bytes a
+    # load: 20 per thread), then x, the norm weight, b and the residual
+    for ops in (float_gemv, float_relu2):
+        assert ops[:ops.index('griddepcontrol.wait')] == ['ld.global.L1::evict_first.L2::cache_hint.v4.b32'] * 20
     assert head[0] == head_rows[0] == attention[0] == 'griddepcontrol.wait'
