@@ -99,8 +99,8 @@ int8_head = 'False'        # decode on CUDA: the packed model's lm_head in dtype
                            # ('True', Engine(int8_head=True)), or both ('False,True')
 pdl = 'True'               # decode on CUDA, Hopper or newer: the decoding kernels launched with programmatic dependent
                            # launch ('True', ternary_kernels.PDL), without ('False'), or both ('False,True')
-float_gemv = 'True'        # decode on CUDA: the float model's projections at batch 1 through the Triton GEMV ('True',
-                           # Engine(float_gemv=True)), through cuBLAS ('False', the 'float cuBLAS' rows), or both
+float_gemv = 'True'        # decode on CUDA: the float model's blocks at batch 1 as Triton GEMVs with the norms folded in
+                           # ('True', Engine(float_gemv=True)), on cuBLAS ('False', the 'float cuBLAS' rows), or both
                            # ('False,True'); batches always go through cuBLAS
 new_tokens = 256
 repeats = 3                # decode: timed generations per variant (median)
