@@ -85,6 +85,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def rms_norm(x, weight, eps):
+    """x / sqrt(mean(x^2) + eps), computed in float32 and rounded to x's dtype, times weight."""
+    return weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as Hugging Face's BitNet does)."""
 
@@ -94,8 +99,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        y = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps)
-        return self.weight * y.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def ste(x, x_quantized):

@@ -21,7 +21,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from bitlinear import quantize_activation, unpack_ternary
+from bitlinear import quantize_activation, rms_norm, unpack_ternary
 from model import apply_rotary
 
 EPILOGUES = {'none': 0, 'residual': 1, 'relu2': 2}
@@ -40,7 +40,7 @@ def packed_linear_reference(x, norm_weight, packed, row_scale, residual, out_fea
     epilogue 0: y; 1: y + residual (M, out); 2: relu(y[:, :out])^2 * y[:, out:2 out] ([gate; up])."""
     dtype = x.dtype
     if norm_weight.numel():
-        x = norm_weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(dtype)
+        x = rms_norm(x, norm_weight, eps)
     x_int, s_x = quantize_activation(x)                                  # int8, (M, 1)
     y = matmul(x_int, packed, 4 * packed.size(0)) * (row_scale / s_x)    # exact integers, rescaled
     if epilogue == 2:
@@ -126,7 +126,7 @@ def linear_reference(x, weights, bias=None, norm_weight=None, residual=None, epi
     through weights (N_i, K) side by side, each its own F.linear (bias: theirs, concatenated), then
     epilogue 0: y; 1: y + residual; 2: relu(gate)^2 * up, for weights [gate, up], as model.MLP."""
     if norm_weight is not None:
-        x = (norm_weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)).to(x.dtype)
+        x = rms_norm(x, norm_weight, eps).to(x.dtype)
     biases = [None] * len(weights) if bias is None else bias.split([w.size(0) for w in weights])
     ys = [F.linear(x, w, b) for w, b in zip(weights, biases)]
     if epilogue == 2:

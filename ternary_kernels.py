@@ -29,9 +29,10 @@ A batch (2 rows or more) goes through lm_head_rows_kernel, which reads each bloc
 once for up to 16 rows, on the tensor cores. The weights may be int8 with a float32 scale per
 row (Engine(int8_head=True)).
 
-The float model's projections (torch.ops.bitnet.linear, Engine(float_gemv=True)): for one row of x,
+The float model's blocks (torch.ops.bitnet.linear, Engine(float_gemv=True)): for one row of x,
 float_gemv_kernel, a bfloat16 GEMV built like the packed row kernel, over up to three weight matrices
-side by side (q, k, v; gate, up); more rows go to cuBLAS.
+side by side (q, k, v; gate, up), with the RMSNorm before and the residual add or relu^2 after
+folded in; more rows go to cuBLAS.
 
 On Hopper and newer (PDL), the GEMVs, decode attention and the lm_head kernels launch with
 programmatic dependent launch: each may start while the kernel before it still runs, reads only

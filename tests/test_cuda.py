@@ -177,9 +177,8 @@ def test_float_linear_kernel_with_norm_and_epilogue_matches_reference(dtype, siz
     assert y.shape == ref.shape == (1, 1, out) and y.dtype == dtype
     eps = torch.finfo(dtype).eps
     assert ((y.float() - ref.float()).abs() <= 4 * eps * ref.float().abs() + 1e-4 * K ** 0.5).all()
-    x3 = x.expand(1, 3, K).contiguous()
-    assert torch.equal(linear(x3, ws, b, nw, None if res is None else res.expand(1, 3, out), epilogue, 1e-5),
-                       linear_reference(x3, ws, b, nw, None if res is None else res.expand(1, 3, out), epilogue, 1e-5))
+    x3, res3 = x.expand(1, 3, K).contiguous(), None if res is None else res.expand(1, 3, out)
+    assert torch.equal(linear(x3, ws, b, nw, res3, epilogue, 1e-5), linear_reference(x3, ws, b, nw, res3, epilogue, 1e-5))
 
 
 def tiny_gpt(quant='b1.58', **kw):
