@@ -56,7 +56,7 @@ def gemv_case(M, K, out, epilogue, norm, dtype, block_r, kernel):
     if kernel == 'row':   # 3 programs walk over the tiles, as the persistent grid does; the row in
         # chunks of 32 words (the last one partly masked where K / 4 is no multiple of 32)
         kernels.packed_gemv_row_kernel.fn[(min(3, triton.cdiv(R, block_r)), M)](
-            *args, CH=32, J=triton.cdiv(K // 4, 32), WAVES=1, PDL=False, **flags)
+            *args, CH=32, J=triton.cdiv(K // 4, 32), WAVES=1, PDL=False, DEPTH=1 + M % 2, **flags)
     else:            # chunks of 32 words: several trips through the loop over K
         kernels.packed_gemv_kernel.fn[(triton.cdiv(R, block_r), M)](*args, BLOCK_X=256, BLOCK_W=32, **flags)
     ref = packed_linear_reference(x, norm_weight, packed, scale, residual, out, epilogue, 1e-5)
@@ -152,6 +152,7 @@ GEMV_CASES = [  # M, K, out, epilogue, norm, dtype, block_r
     (3, 200, 13, 1, False, torch.float32, 2),
     (2, 300, 10, 2, False, torch.float32, 1),
     (1, 512, 96, 0, True, torch.float32, 4),
+    (1, 300, 72, 2, True, torch.float32, 8),   # a partial last tile and chunk, two tiles in flight
     (2, 512, 40, 1, True, torch.float32, 2),
     (1, 256, 64, 2, True, torch.float32, 2),
     (1, 512, 64, 1, True, torch.bfloat16, 4),

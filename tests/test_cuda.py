@@ -26,6 +26,19 @@ def random_packed_inputs(M, K, out, epilogue, dtype, norm, seed):
             to(residual, dtype) if epilogue == 1 else to(residual), out, epilogue, 1e-5)
 
 
+@pytest.mark.parametrize('K,out,epilogue', [(2560, 6912, 2), (6912, 2560, 1)])   # the 2B4T gate+up and down
+def test_row_configs_give_the_autotuned_kernel_s_outputs(K, out, epilogue, monkeypatch):
+    """The shapes of ternary_kernels.ROW_CONFIGS (bigger tiles, two in flight) against another configuration
+    of the same kernel: the same activations and exact integer sums, so the same bfloat16 outputs."""
+    import ternary_kernels
+    from ops import packed_linear
+    args = random_packed_inputs(1, K, out, epilogue, torch.bfloat16, True, seed=K + out)
+    assert (args[2].size(0), K) in ternary_kernels.ROW_CONFIGS
+    y = packed_linear(*args)
+    monkeypatch.setitem(ternary_kernels.ROW_CONFIGS, (args[2].size(0), K), (4, 2, 4, 1))
+    assert torch.equal(packed_linear(*args), y)
+
+
 @pytest.mark.parametrize('M', [1, 3, 40])
 @pytest.mark.parametrize('K,out', [(64, 64), (200, 13), (2560, 96), (202, 8), (8200, 24)])   # 202: the fallback; 8200: the loop kernel
 @pytest.mark.parametrize('epilogue', [0, 1, 2])

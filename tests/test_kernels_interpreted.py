@@ -16,7 +16,7 @@ def test_triton_kernels_under_the_interpreter():
     result = subprocess.run([sys.executable, os.path.join(REPO, 'tests', 'kernels_on_cpu.py')],
                             env={**os.environ, 'TRITON_INTERPRET': '1'}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
-    assert result.stdout.count('ok ') == 2 * 8 + 7 + 8 + 4   # 8 GEMV cases x 2 kernels, 7 lm_head, 8 float GEMV, 4 attention
+    assert result.stdout.count('ok ') == 2 * 9 + 7 + 8 + 4   # 9 GEMV cases x 2 kernels, 7 lm_head, 8 float GEMV, 4 attention
 
 
 def ptx(kernel, signature, constants, divisible=(), **options):
@@ -56,7 +56,7 @@ def test_kernels_read_what_the_previous_kernel_writes_only_after_waiting_for_it(
                           {**ptrs, 'w_ptr': '*i32', 'scale_ptr': '*fp32', 'K': 'i32', 'R': 'i32', 'N': 'i32',
                            'eps': 'fp32', 'DECODE': 'i32'},
                           dict(HAS_NORM=True, X_LOWP=True, NORM_LOWP=True, EPILOGUE=1, CH=128, J=5, ASM=True,
-                               BLOCK_R=2, WAVES=1, PDL=pdl), num_warps=4, launch_pdl=pdl))
+                               BLOCK_R=2, WAVES=1, PDL=pdl, DEPTH=1), num_warps=4, launch_pdl=pdl))
     head = memory_ops(ptx(kernels.lm_head_kernel,
                           {'x_ptr': '*bf16', 'w_ptr': '*bf16', 'scale_ptr': '*bf16', 'y_ptr': '*bf16', 'best_ptr': '*fp32',
                            'at_ptr': '*i32', 'count_ptr': '*i32', 'token_ptr': '*i64', 'V': 'i32', 'C': 'i32',
