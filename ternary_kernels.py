@@ -410,9 +410,8 @@ def packed_linear_cuda(x, norm_weight, packed, row_scale, residual, out_features
         chunks = dict(CH=ch, J=triton.cdiv(K // 4, ch), PDL=pdl, launch_pdl=pdl, **flags)
         if M == 1 and (R, K) in ROW_CONFIGS:
             block_r, waves, warps, depth = ROW_CONFIGS[R, K]
-            programs = min(triton.cdiv(R, block_r), waves * _sm_count(x.device))
-            packed_gemv_row_kernel.fn[(programs, 1)](*args, DEPTH=depth, BLOCK_R=block_r, WAVES=waves,
-                                                     num_warps=warps, **chunks)
+            tiles = dict(BLOCK_R=block_r, WAVES=waves)
+            packed_gemv_row_kernel.fn[persistent(tiles)](*args, DEPTH=depth, num_warps=warps, **tiles, **chunks)
         else:
             packed_gemv_row_kernel[persistent](*args, DEPTH=1, **chunks)
     else:
