@@ -21,6 +21,7 @@ import triton.language as tl  # noqa: E402
 
 import ternary_kernels as kernels  # noqa: E402
 from bitlinear import pack_ternary  # noqa: E402
+from conftest import new_key_scores_highest  # noqa: E402
 from model import rotary_tables  # noqa: E402
 from ops import (decode_attention_reference, linear_reference, lm_head_argmax_reference,  # noqa: E402
                  packed_linear_reference, quantize_head)
@@ -70,6 +71,7 @@ def attention_case(nh, nkv, hd, pos, pos1=None):
     """pos1: the second sequence's position, when the two differ (a (2,) tensor of positions)."""
     g = torch.Generator().manual_seed(pos + nh)
     qkv = torch.randn(2, (nh + 2 * nkv) * hd, generator=g)
+    new_key_scores_highest(qkv, nh, nkv, hd)
     k = torch.randn(2, nkv, 96, hd, generator=g)
     v = torch.randn(2, nkv, 96, hd, generator=g)
     p = torch.tensor(pos) if pos1 is None else torch.tensor([pos, pos1])
