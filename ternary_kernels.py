@@ -172,11 +172,11 @@ def _row_chunks(ptr, t, ROWS, COLS, BLOCK: tl.constexpr, CH: tl.constexpr, J: tl
 @triton.autotune(
     configs=[triton.Config({'BLOCK_R': r, 'WAVES': v}, num_warps=w)
              for r in (1, 2, 4) for w in (4, 8) for v in (1, 2, 4)],
-    key=['R', 'K', 'DECODE'],
+    key=['R', 'K', 'X_ROWS'],
 )
 @triton.jit
 def packed_gemv_row_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
-                           K, R, N, eps, DECODE,
+                           K, R, N, eps, X_ROWS,
                            HAS_NORM: tl.constexpr, X_LOWP: tl.constexpr, NORM_LOWP: tl.constexpr,
                            EPILOGUE: tl.constexpr, CH: tl.constexpr, J: tl.constexpr, ASM: tl.constexpr,
                            PDL: tl.constexpr, DEPTH: tl.constexpr, BLOCK_R: tl.constexpr, WAVES: tl.constexpr):
@@ -262,17 +262,18 @@ def packed_gemv_row_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
         triton.Config({'BLOCK_R': 16, 'BLOCK_W': 128}, num_warps=8),
         triton.Config({'BLOCK_R': 32, 'BLOCK_W': 32}, num_warps=4),
     ],
-    key=['R', 'K', 'DECODE'],
+    key=['R', 'K', 'X_ROWS'],
 )
 @triton.jit
 def packed_gemv_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, y_ptr,
-                       K, R, N, eps, DECODE,
+                       K, R, N, eps, X_ROWS,
                        HAS_NORM: tl.constexpr, X_LOWP: tl.constexpr, NORM_LOWP: tl.constexpr,
                        EPILOGUE: tl.constexpr, BLOCK_X: tl.constexpr, ASM: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
     """w_ptr: the packed bytes (R, K) read as int32 words (K % 4 == 0): word (r, j) holds the
     2-bit codes (w + 1) of rows r, r + R, r + 2R, r + 3R at k = 4j .. 4j + 3, byte by byte.
-    DECODE (M == 1) only keys the autotuner: one row and a short prefill are tuned apart."""
+    X_ROWS (M rounded up to a power of two) only keys the autotuner: the grid holds a set of programs
+    per row of x, so the best tiles depend on the rows, and 1, 2, 4, 8 and 16 rows are tuned apart."""
     pid = tl.program_id(0)
     m = tl.program_id(1)
     x_row = x_ptr + m * K
@@ -401,7 +402,7 @@ def packed_linear_cuda(x, norm_weight, packed, row_scale, residual, out_features
     grid = lambda meta: (triton.cdiv(R, meta['BLOCK_R']), M)
     persistent = lambda meta: (min(triton.cdiv(R, meta['BLOCK_R']), meta['WAVES'] * _sm_count(x.device)), M)
     args = (x, norm_weight if has_norm else x, packed.view(torch.int32), row_scale,
-            residual.contiguous() if epilogue == 1 else y, y, K, R, out_features, eps, int(M == 1))
+            residual.contiguous() if epilogue == 1 else y, y, K, R, out_features, eps, triton.next_power_of_2(M))
     flags = dict(HAS_NORM=has_norm, X_LOWP=lowp, NORM_LOWP=lowp and has_norm and norm_weight.dtype == x.dtype,
                  EPILOGUE=epilogue, ASM=True)
     if K <= 4 * ROW_WORDS:

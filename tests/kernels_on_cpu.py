@@ -52,7 +52,7 @@ def gemv_case(M, K, out, epilogue, norm, dtype, block_r, kernel):
     y = torch.empty(M, out, dtype=dtype)
     lowp = dtype != torch.float32
     args = (x, norm_weight if norm else x, packed.view(torch.int32), scale, residual if epilogue == 1 else y, y,
-            K, R, out, 1e-5, int(M == 1))
+            K, R, out, 1e-5, triton.next_power_of_2(M))
     flags = dict(HAS_NORM=norm, X_LOWP=lowp, NORM_LOWP=lowp and norm, EPILOGUE=epilogue, ASM=False, BLOCK_R=block_r)
     if kernel == 'row':   # 3 programs walk over the tiles, as the persistent grid does; the row in
         # chunks of 32 words (the last one partly masked where K / 4 is no multiple of 32)

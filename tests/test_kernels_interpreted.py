@@ -54,7 +54,7 @@ def test_kernels_read_what_the_previous_kernel_writes_only_after_waiting_for_it(
     ptrs = {f'{name}_ptr': '*bf16' for name in ('x', 'norm', 'res', 'y')}
     gemv = memory_ops(ptx(kernels.packed_gemv_row_kernel.fn,
                           {**ptrs, 'w_ptr': '*i32', 'scale_ptr': '*fp32', 'K': 'i32', 'R': 'i32', 'N': 'i32',
-                           'eps': 'fp32', 'DECODE': 'i32'},
+                           'eps': 'fp32', 'X_ROWS': 'i32'},
                           dict(HAS_NORM=True, X_LOWP=True, NORM_LOWP=True, EPILOGUE=1, CH=128, J=5, ASM=True,
                                BLOCK_R=2, WAVES=1, PDL=pdl, DEPTH=1), num_warps=4, launch_pdl=pdl))
     head = memory_ops(ptx(kernels.lm_head_kernel,
