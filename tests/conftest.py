@@ -25,14 +25,6 @@ def integer_layers(model):
     return bitlinear_hooks(model, lambda mod, args, out: integer_forward(mod, args[0]))
 
 
-def new_key_scores_highest(qkv, nh, nkv, hd):
-    """The new key of each kv head := the query of its first head: that head's score for the new position,
-    |q|^2 / sqrt(hd), about sqrt(hd), is then almost surely its highest (rotating both by the same angle keeps
-    their product; the other scores of random keys are about N(0, 1))."""
-    for kvh in range(nkv):
-        qkv[:, (nh + kvh) * hd:(nh + kvh + 1) * hd] = qkv[:, kvh * (nh // nkv) * hd:(kvh * (nh // nkv) + 1) * hd]
-
-
 def run(script, *args, cwd=REPO):
     """Run one of the repo's scripts; returns the CompletedProcess (text output)."""
     return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd,

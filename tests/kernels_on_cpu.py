@@ -21,7 +21,6 @@ import triton.language as tl  # noqa: E402
 
 import ternary_kernels as kernels  # noqa: E402
 from bitlinear import pack_ternary  # noqa: E402
-from conftest import new_key_scores_highest  # noqa: E402
 from model import rotary_tables  # noqa: E402
 from ops import (decode_attention_reference, linear_reference, lm_head_argmax_reference,  # noqa: E402
                  packed_linear_reference, quantize_head)
@@ -65,6 +64,14 @@ def gemv_case(M, K, out, epilogue, norm, dtype, block_r, kernel):
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     else:   # bfloat16: the kernel's rsqrt may move an activation across a rounding boundary
         assert (y.float() - ref.float()).abs().max() <= 0.05 * ref.float().abs().max()
+
+
+def new_key_scores_highest(qkv, nh, nkv, hd):
+    """The new key of each kv head := the query of its first head: that head's score for the new position,
+    |q|^2 / sqrt(hd), about sqrt(hd), is then almost surely its highest (rotating both by the same angle keeps
+    their product; the other scores of random keys are about N(0, 1))."""
+    for kvh in range(nkv):
+        qkv[:, (nh + kvh) * hd:(nh + kvh + 1) * hd] = qkv[:, kvh * (nh // nkv) * hd:(kvh * (nh // nkv) + 1) * hd]
 
 
 def attention_case(nh, nkv, hd, pos, pos1=None):
