@@ -186,7 +186,7 @@ class Engine:
 
     def _head(self, x):
         """x (B, C), final hidden states -> logits (B, vocab) and greedy token (B, 1), from one op
-        (ternary_kernels.lm_head_kernel on CUDA)."""
+        (one Triton kernel on CUDA, ternary_kernels)."""
         return torch.ops.bitnet.lm_head_argmax(x, *self.head)
 
     def _step(self):

@@ -23,11 +23,13 @@ sequence) streams the cached keys and values of positions 0 .. pos once, for all
 heads that share them (grouped-query attention), with an online softmax.
 
 The decoding head (torch.ops.bitnet.lm_head_argmax, ops.py): logits = x @ lm_head^T as a
-GEMV over blocks of vocabulary rows, each block also leaving its first maximum, and the last
+product over blocks of vocabulary rows, each block also leaving its first maximum, and the last
 block to finish picking the greedy token, so greedy decoding needs no separate argmax kernels.
-A batch (2 rows or more) goes through lm_head_rows_kernel, which reads each block of weights
-once for up to 16 rows, on the tensor cores. The weights may be int8 with a float32 scale per
-row (Engine(int8_head=True)).
+lm_head_rows_kernel reads each block of weights once for up to 16 rows of x, on the tensor
+cores; in bfloat16 it takes one row too, as it streams the weights faster than a GEMV on the
+CUDA cores does. A row of float32 goes through lm_head_kernel, that GEMV, as float32 tensor-core
+products would be emulated. The weights may be int8 with a float32 scale per row
+(Engine(int8_head=True)).
 
 The float model's blocks (torch.ops.bitnet.linear, Engine(float_gemv=True)): for one row of x,
 float_gemv_kernel, a bfloat16 GEMV built like the packed row kernel, over up to three weight matrices
@@ -527,7 +529,7 @@ def _lm_head_counts(device):
 def lm_head_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, best_ptr, at_ptr, count_ptr, token_ptr, V, C, BLOCKS,
                    HAS_SCALE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
                    PDL: tl.constexpr):
-    """logits = x @ w^T for decoding, and the greedy token: program (block, m) computes the
+    """logits = x @ w^T for decoding in float32, and the greedy token: program (block, m) computes the
     logits of rows block * BLOCK_V ... of w for row m of x, stores them in y's dtype, and leaves
     the first of their maxima (value and index, of the stored values) in best_ptr / at_ptr (an int8
     w (HAS_SCALE): each row's float32 sum times its scale before the rounding to y's dtype); the
@@ -644,7 +646,7 @@ def lm_head_argmax_cuda(x, weight, scale=None):
     at = torch.empty(B, blocks, device=x.device, dtype=torch.int32)
     token = torch.empty(B, 1, device=x.device, dtype=torch.long)
     pdl = _launch_pdl(x.device)
-    if B > 1:   # a batch: each block of weights read once for all rows, on the tensor cores
+    if B > 1 or x.dtype != torch.float32:   # each block of weights read once for all rows, on the tensor cores
         lm_head_rows_kernel[(blocks, triton.cdiv(B, LM_HEAD_ROWS))](
             x, weight, weight if scale is None else scale, logits, best, at, _lm_head_counts(x.device), token,
             B, V, C, blocks, HAS_SCALE=scale is not None, IEEE=x.dtype == torch.float32, BLOCK_M=LM_HEAD_ROWS,

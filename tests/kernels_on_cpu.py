@@ -177,7 +177,8 @@ if __name__ == '__main__':
     # the blocks 2 or 8 at a time; tied maxima in different blocks, in one block, in the last one
     for case in [(2, 100, 48, [], 2), (2, 100, 48, [40, 90, 5], 2), (1, 100, 48, [33, 34], 8), (3, 100, 48, [99], 2),
                  (2, 100, 48, [40, 90, 5], 2, True),    # the int8 weight with its row scales
-                 (3, 100, 48, [40, 90, 5], 2, False, True), (18, 100, 48, [], 4, True, True)]:   # 16 rows a program
+                 (3, 100, 48, [40, 90, 5], 2, False, True), (18, 100, 48, [], 4, True, True),   # 16 rows a program
+                 (1, 100, 48, [33, 34], 8, True, True)]:   # one row (bfloat16 on the GPU)
         lm_head_case(*case)
         print('ok lm_head', *case, flush=True)
     # tiles past N, a partial last chunk, more tiles than programs; two and three weights side by side;
