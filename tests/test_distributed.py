@@ -48,15 +48,15 @@ def evals(out_dir):
     return [(x['iter'], x['val_loss'], x['val_loss_trained_weights']) for x in read_log(out_dir) if 'val_loss' in x]
 
 
-def assert_close_runs(a, b, atol=1e-6):
-    """Two out_dirs: the same iterations, losses and evaluations within float tolerance, and their
-    checkpoints' weights (the average and the trained ones) within atol."""
+def assert_close_runs(a, b, rel=1e-6, atol=1e-6):
+    """Two out_dirs: the same iterations, losses and evaluations within rel, and their checkpoints'
+    weights (the average and the trained ones) within atol."""
     la, lb = train_losses(a), train_losses(b)
     assert [i for i, _ in la] == [i for i, _ in lb]
-    assert [x for _, x in la] == pytest.approx([x for _, x in lb], rel=1e-6)
+    assert [x for _, x in la] == pytest.approx([x for _, x in lb], rel=rel)
     ea, eb = evals(a), evals(b)
     assert [e[0] for e in ea] == [e[0] for e in eb]
-    assert [e[1:] for e in ea] == [pytest.approx(e[1:], rel=1e-6) for e in eb]
+    assert [e[1:] for e in ea] == [pytest.approx(e[1:], rel=rel) for e in eb]
     ca, cb = (load_checkpoint(os.path.join(d, 'ckpt.pt')) for d in (a, b))
     assert ca['iter_num'] == cb['iter_num'] and sorted(ca) == sorted(cb)
     for weights in ('model', 'train_model'):
@@ -117,10 +117,13 @@ def test_two_processes_equal_one(runs):
 
 def test_resume_across_world_sizes_and_wrappers(runs):
     """2 -> 1 (DDP's checkpoint), 1 -> 2 (FSDP), FSDP -> DDP: each resumed run continues as the
-    uninterrupted single process does (s6), up to float rounding."""
+    uninterrupted single process does (s6), up to float rounding: the weights at the resume differ
+    by ~3e-7 (another sum order), and three steps later by up to 1.9e-5, the losses by 2e-6 (2 -> 1,
+    AMD EPYC, torch 2.13). A resume that lost the optimizer state or the schedule moves weights by
+    the order of the learning rate (3e-3); resuming in the same world size is exact (test_train_sample)."""
     assert [i for i, _ in train_losses(runs['s6'])] == [0, 1, 2, 3, 4, 5]
     for name in ('d3_s6', 's3_f6', 'f3_d6'):
-        assert_close_runs(runs[name], runs['s6'])
+        assert_close_runs(runs[name], runs['s6'], rel=1e-5, atol=1e-4)
     ckpt = load_checkpoint(os.path.join(runs['s3_f6'], 'ckpt.pt'))   # FSDP wrote one file of whole tensors
     assert ckpt['model']['model.layers.0.mlp.up_proj.weight'].shape == (192, 64)
     assert isinstance(ckpt['optimizer']['state'][0]['exp_avg'], torch.Tensor)
