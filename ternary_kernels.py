@@ -26,7 +26,7 @@ The decoding head (torch.ops.bitnet.lm_head_argmax, ops.py): logits = x @ lm_hea
 product over blocks of vocabulary rows, each block also leaving its first maximum, and the last
 block to finish picking the greedy token, so greedy decoding needs no separate argmax kernels.
 lm_head_rows_kernel reads each block of weights once for up to 16 rows of x, on the tensor
-cores; in bfloat16 it takes one row too, as it streams the weights faster than a GEMV on the
+cores; in bfloat16 or float16 it takes one row too, as it streams the weights faster than a GEMV on the
 CUDA cores does. A row of float32 goes through lm_head_kernel, that GEMV, as float32 tensor-core
 products would be emulated. The weights may be int8 with a float32 scale per row
 (Engine(int8_head=True)).
