@@ -32,7 +32,6 @@ packed ternary model and the float model of the same shape with random weights:
     python bench.py --mode=decode ... --compile=False --batch_sizes=1,2,4,8,16 --int8_head=False,True  # batches
     python bench.py --mode=decode ... --pdl=False,True   # with and without programmatic dependent launch
     python bench.py --mode=decode ... --float_gemv=False,True   # the float projections on cuBLAS too, not only our GEMV
-    python bench.py --mode=decode ... --cuda_gemv=False,True    # packed batch 1 on the Triton GEMV too, not only CUDA's
 
 On CUDA both run in engine.py (static KV cache, one CUDA graph per token) in bfloat16.
 Reported: tokens per second and ms per step (the prompt's prefill included), weight bytes, peak
@@ -103,8 +102,6 @@ pdl = 'True'               # decode on CUDA, Hopper or newer: the decoding kerne
 float_gemv = 'True'        # decode on CUDA: the float model's blocks at batch 1 as Triton GEMVs with the norms folded in
                            # ('True', Engine(float_gemv=True)), on cuBLAS ('False', the 'float cuBLAS' rows), or both
                            # ('False,True'); batches always go through cuBLAS
-cuda_gemv = 'True'         # decode on CUDA, Hopper or newer: the packed model's projections at batch 1 in the kernel of
-                           # csrc/ternary_cuda.cu ('True', ternary_kernels.CUDA_GEMV), the Triton GEMV ('False'), or both
 new_tokens = 256
 repeats = 3                # decode: timed generations per variant (median)
 rows = '1,16,512'          # layer: rows of the input (tokens x sequences), comma-separated
@@ -144,7 +141,6 @@ check(len(batch_size_list) == len(batch_sizes.split(',')),
 int8_head_list = bool_list(globals(), 'int8_head')
 pdl_list = bool_list(globals(), 'pdl')
 float_gemv_list = bool_list(globals(), 'float_gemv')
-cuda_gemv_list = bool_list(globals(), 'cuda_gemv')
 wrapper_list = wrappers.split(',')
 if any(w not in ('none', 'ddp', 'fsdp') for w in wrapper_list):
     fail(f"wrappers must be a comma-separated list of none, ddp, fsdp, got '{wrappers}'")
@@ -169,9 +165,8 @@ if packed_file:
 if threads:
     torch.set_num_threads(threads)
 if device_type != 'cuda' and (batch_size_list != [1] or int8_head_list != [False] or pdl_list != [True]
-                              or float_gemv_list != [True] or cuda_gemv_list != [True]):
-    fail("batch_sizes, int8_head, pdl, float_gemv and cuda_gemv time the CUDA engine: drop them on the CPU, "
-         "or run on a CUDA GPU")
+                              or float_gemv_list != [True]):
+    fail("batch_sizes, int8_head, pdl and float_gemv time the CUDA engine: drop them on the CPU, or run on a CUDA GPU")
 if mode == 'layer' and device_type != 'cuda':
     fail("mode=layer times the CUDA kernels of the packed layer and needs a CUDA GPU "
          "(--mode=decode --device=cpu times the CPU kernel in a model)")
@@ -382,13 +377,10 @@ def bench_decode():
         weight_bytes = tensor_bytes(model)
         heads = int8_head_list if variant == 'packed' else [False]
         gemvs = float_gemv_list if variant == 'float' else [False]
-        kernels = cuda_gemv_list if variant == 'packed' else [cuda_gemv_list[-1]]
-        for mode, int8, gemv, B, launch, hand in [(m, h, g, b, p, c) for m in modes for h in heads for g in gemvs
-                                                  for b in batch_size_list for p in pdl_list for c in kernels
-                                                  if b == 1 or (g == gemvs[0] and c == kernels[-1])]:
+        for mode, int8, gemv, B, launch in [(m, h, g, b, p) for m in modes for h in heads for g in gemvs
+                                            for b in batch_size_list for p in pdl_list if b == 1 or g == gemvs[0]]:
             prompt = torch.randint(vocab_size, (B, prompt_len), device=device)
-            ternary_kernels.PDL = launch   # both read as the engine's graphs are captured
-            ternary_kernels.CUDA_GEMV = hand
+            ternary_kernels.PDL = launch   # read as the engine's graphs are captured
             runner = Engine(model, batch_size=B, max_len=prompt_len + new_tokens, dtype=ptdtype, compile=mode,
                             int8_head=int8, float_gemv=gemv)
             with torch.no_grad():
@@ -407,8 +399,7 @@ def bench_decode():
             t = statistics.median(times)
             cublas = variant == 'float' and not runner.float_gemv and B == 1
             name = variant + (' int8-head' if int8 else '') + (' cuBLAS' if cublas else '') + \
-                (' compiled' if mode else ' eager') + ('' if launch else ' no-PDL') + \
-                (' Triton-GEMV' if variant == 'packed' and B == 1 and not hand else '')
+                (' compiled' if mode else ' eager') + ('' if launch else ' no-PDL')
             if profile and B == 1:
                 runner.cache.pos.fill_(prompt_len)   # a position inside the cache
                 with torch.no_grad():

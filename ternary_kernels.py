@@ -48,8 +48,6 @@ with unpacking to bfloat16 and a bfloat16 matmul.
 
 import functools
 import math
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -390,52 +388,9 @@ DECODE_ROWS = 16   # x with up to this many rows goes through the GEMV kernels (
                    # through int8_matmul
 
 
-CUDA_GEMV = False  # one row of x on Hopper: the hand-written kernel of csrc/ternary_cuda.cu where it builds
-                  # (needs nvcc; read at each launch: bench.py --cuda_gemv=False,True times both)
-CUDA_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'ternary_cuda.cu')
-_cuda_ext = None  # the built module once loaded; False once a build failed
-
-
-def cuda_extension():
-    """csrc/ternary_cuda.cu compiled at the first call (about a minute, cached in .build/ternary_cuda);
-    None where that failed (no nvcc, say), said once on stderr: the Triton kernels run instead."""
-    global _cuda_ext
-    if _cuda_ext is None:
-        from torch.utils.cpp_extension import load
-        build_dir = os.path.join(os.path.dirname(CUDA_SOURCE), os.pardir, '.build', 'ternary_cuda')
-        try:
-            os.makedirs(build_dir, exist_ok=True)
-            _cuda_ext = load(name='ternary_cuda', sources=[CUDA_SOURCE], build_directory=build_dir, verbose=False,
-                             extra_cuda_cflags=['-O3', '-gencode=arch=compute_90,code=sm_90', '--fmad=false'])
-        except Exception as e:   # no nvcc, no ninja, a compile error
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            print(f"note: the CUDA ternary kernel could not be built ({reason}); packed layers use the Triton "
-                  f"kernels", file=sys.stderr)
-            _cuda_ext = False
-    return _cuda_ext or None
-
-
-def _cuda_gemv_takes(x, norm_weight, packed, residual, epilogue):
-    """Whether csrc/ternary_cuda.cu's kernel takes this call: one contiguous row of x, on Hopper or newer, of
-    at most 8192 inputs in 16-byte words; x, the weights and the norm weight (float32 or x's dtype) 16-byte
-    aligned, as the bulk copies need."""
-    K = x.size(1)
-    aligned = lambda t: t.is_contiguous() and t.data_ptr() % 16 == 0
-    return (CUDA_GEMV and x.size(0) == 1 and _hopper(x.device) and K % 16 == 0 and K <= 8192
-            and aligned(x) and aligned(packed) and (norm_weight.numel() == 0 or aligned(norm_weight))
-            and norm_weight.dtype in (torch.float32, x.dtype) and (epilogue != 1 or residual.dtype == x.dtype)
-            and cuda_extension() is not None)
-
-
 @packed_linear.register_kernel('cuda')
 def packed_linear_cuda(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps):
     M, K = x.shape
-    if _cuda_gemv_takes(x, norm_weight, packed, residual, epilogue):
-        y = torch.empty(1, out_features, device=x.device, dtype=x.dtype)
-        cuda_extension().packed_gemv(x, norm_weight, packed, row_scale,
-                                     residual.contiguous() if epilogue == 1 else y, y, out_features, epilogue, eps,
-                                     _launch_pdl(x.device))
-        return y
     if M > DECODE_ROWS:
         return packed_linear_reference(x, norm_weight, packed, row_scale, residual, out_features, epilogue, eps,
                                        matmul=int8_matmul)
