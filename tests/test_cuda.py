@@ -26,9 +26,9 @@ def random_packed_inputs(M, K, out, epilogue, dtype, norm, seed):
             to(residual, dtype) if epilogue == 1 else to(residual), out, epilogue, 1e-5)
 
 
-@pytest.mark.parametrize('K,out,epilogue', [(2560, 6912, 2), (6912, 2560, 1)])   # the 2B4T gate+up and down
+@pytest.mark.parametrize('K,out,epilogue', [(2560, 3840, 0), (2560, 2560, 1), (2560, 6912, 2), (6912, 2560, 1)])
 def test_row_configs_give_the_autotuned_kernel_s_outputs(K, out, epilogue, monkeypatch):
-    """The shapes of ternary_kernels.ROW_CONFIGS (bigger tiles, two in flight) against another configuration
+    """The 2B4T shapes of ternary_kernels.ROW_CONFIGS (qkv, o, gate+up, down) against another configuration
     of the same kernel: the same activations and exact integer sums, so the same bfloat16 outputs."""
     import ternary_kernels
     from ops import packed_linear
