@@ -378,10 +378,12 @@ def _launch_pdl(device):
 
 ROW_WORDS = 2048   # rows of up to 4 * ROW_WORDS inputs go through packed_gemv_row_kernel ...
 ROW_CONFIGS = {    # (R, K) -> BLOCK_R, WAVES, num_warps, DEPTH for one row of x, instead of the autotuner's pick
-    (960, 2560): (8, 1, 4, 1),    # 2B4T qkv: 2.49 against 2.63 us, in a CUDA graph of 30 such kernels (H200)
-    (640, 2560): (8, 1, 8, 1),    # 2B4T o: 2.44 against 3.08 us (the autotuner times each kernel alone, and
-    (3456, 2560): (8, 2, 4, 1),   # 2B4T gate+up: 4.65 against 5.05 us          its list has no 8-row tiles)
-    (640, 6912): (8, 1, 8, 2),    # 2B4T down: 4.40 against 5.03 us
+                   # (which times each kernel alone, changes between processes and has no 8-row tiles); timed
+                   # in CUDA graphs of 30 such kernels on an H200 (docs/kernels.md, section 5), us per kernel:
+    (960, 2560): (8, 1, 4, 1),    # 2B4T qkv: 2.49 against the autotuner's 2.63
+    (640, 2560): (8, 1, 8, 1),    # 2B4T o: 2.44 against 3.08
+    (3456, 2560): (8, 2, 4, 1),   # 2B4T gate+up: 4.65 against 5.05
+    (640, 6912): (8, 1, 8, 2),    # 2B4T down: 4.40 against 5.03 (two tiles in flight)
 }
 CHUNK_WORDS = 128  # ... in chunks of this many words (measured on an H100: 128 beat 64 and the whole row)
 DECODE_ROWS = 16   # x with up to this many rows goes through the GEMV kernels (one pass over the
